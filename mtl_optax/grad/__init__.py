@@ -1,0 +1,1 @@
+"""Gradient balancers (aggregators): stacked per-task gradients -> one gradient."""

@@ -1,0 +1,1 @@
+"""Loss balancers (reweighters): stacked per-task gradients -> row-scaled stacked gradients."""

@@ -1,0 +1,60 @@
+"""The shape shared by every loss balancer: a row scaling of the stacked gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax import tree as tree_lib
+
+WeightFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+
+# Inside jit, loss values are unknown at trace time; log-based balancers clamp them here.
+LOSS_FLOOR = 1e-12
+
+
+def positive(losses: jax.Array) -> jax.Array:
+  """Losses clamped to `LOSS_FLOOR`, so a log or 1/L stays finite inside jit."""
+  return jnp.maximum(losses, LOSS_FLOOR)
+
+
+def reweighter(
+    name: str,
+    init_fn: Callable[[], Any],
+    weight_fn: WeightFn,
+    *,
+    num_tasks: int | None = None,
+    needs_positive: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a loss balancer: row i of the stacked gradients is scaled by `s_i`.
+
+  Args:
+    name: used in error messages.
+    init_fn: returns the initial state.
+    weight_fn: `(losses, state) -> (s, new_state)`, s of shape `(K,)`.
+    num_tasks: K, when the state is per task (checked against every leaf).
+    needs_positive: the balancer takes log(L_i); concrete non-positive losses raise.
+  """
+  def init(params):
+    del params
+    return init_fn()
+
+  def update(updates, state, params=None, *, losses=None, **extra_args):
+    del params, extra_args
+    k = tree_lib.num_tasks(updates, num_tasks, name)
+    losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
+    weights, state = weight_fn(losses, state)
+    return tree_lib.scale_rows(weights, updates), state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def check_positive_int(value: int, what: str) -> int:
+  """Raises unless `value` is a positive Python int (a static hyperparameter)."""
+  if not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{what} must be a positive int, got {value!r}.")
+  return value

@@ -1,0 +1,48 @@
+"""Dynamic weight average."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax.loss.base import check_positive_int, reweighter
+
+
+class DWAState(NamedTuple):
+  count: jax.Array       # steps taken
+  epoch_sum: jax.Array   # (K,) sum of raw losses over the current epoch
+  last: jax.Array        # (K,) average loss of the previous epoch
+  before_last: jax.Array  # (K,) average loss of the epoch before it
+
+
+def dwa(num_tasks: int, steps_per_epoch: int,
+        temperature: float = 2.0) -> optax.GradientTransformationExtraArgs:
+  """DWA: w = K softmax(r / T), r_i = Lbar_i(e-1) / Lbar_i(e-2); w = 1 in epochs 0 and 1.
+
+  Liu et al. 2019 (MTAN), Eq. 1, with epoch-average losses as in LibMTL.
+  """
+  check_positive_int(num_tasks, "dwa: num_tasks")
+  check_positive_int(steps_per_epoch, "dwa: steps_per_epoch")
+
+  def init():
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return DWAState(jnp.zeros([], jnp.int32), zeros, zeros, zeros)
+
+  def weights(losses, state):
+    ready = state.count >= 2 * steps_per_epoch
+    ratio = state.last / jnp.where(ready, state.before_last, 1.0)
+    w = jnp.where(ready, num_tasks * jax.nn.softmax(ratio / temperature), 1.0)
+    epoch_sum = state.epoch_sum + losses
+    epoch_done = (state.count + 1) % steps_per_epoch == 0
+    new_state = DWAState(
+        count=state.count + 1,
+        epoch_sum=jnp.where(epoch_done, 0.0, epoch_sum),
+        last=jnp.where(epoch_done, epoch_sum / steps_per_epoch, state.last),
+        before_last=jnp.where(epoch_done, state.last, state.before_last),
+    )
+    return w, new_state
+
+  return reweighter("dwa", init, weights, num_tasks=num_tasks)

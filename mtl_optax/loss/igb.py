@@ -1,0 +1,59 @@
+"""Improvable gap balancing, version 1 (Dai et al., UAI 2023), and its base-loss bookkeeping."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax.loss.base import check_positive_int, positive, reweighter
+
+
+class BaseLoss(NamedTuple):
+  """Running sum of the raw losses of epoch 2 (0-indexed epoch 1); L_base is its mean."""
+  count: jax.Array     # steps taken
+  epoch2_sum: jax.Array  # (K,)
+
+
+def base_loss_init(num_tasks: int) -> BaseLoss:
+  return BaseLoss(jnp.zeros([], jnp.int32), jnp.zeros((num_tasks,), jnp.float32))
+
+
+def base_loss_ready(base: BaseLoss, steps_per_epoch: int) -> jax.Array:
+  """Whether L_base exists: true from the first step of epoch 3 on."""
+  return base.count >= 2 * steps_per_epoch
+
+
+def base_loss_value(base: BaseLoss, steps_per_epoch: int) -> jax.Array:
+  """L_base = mean over epoch 2's batches of the raw losses (ones until it exists)."""
+  return jnp.where(base_loss_ready(base, steps_per_epoch),
+                   base.epoch2_sum / steps_per_epoch, 1.0)
+
+
+def base_loss_update(base: BaseLoss, losses: jax.Array, steps_per_epoch: int) -> BaseLoss:
+  """Counts a step and adds its losses to the sum when it falls in epoch 2."""
+  in_epoch2 = base.count // steps_per_epoch == 1
+  return BaseLoss(base.count + 1, base.epoch2_sum + jnp.where(in_epoch2, losses, 0.0))
+
+
+def igb_v1(num_tasks: int, steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:
+  """IGBv1: minimize sum_i lambda_i log L_i, lambda = K softmax(L / L_base) from epoch 3.
+
+  Dai et al. 2023 (Improvable Gap Balancing), Alg. 1 and Eq. 3: lambda = 1 in epochs 1-2
+  (plain log losses), L_base = mean raw loss over epoch 2, lambda treated as a constant,
+  so s_i = lambda_i / L_i.
+  """
+  check_positive_int(num_tasks, "igb_v1: num_tasks")
+  check_positive_int(steps_per_epoch, "igb_v1: steps_per_epoch")
+
+  def weights(losses, state):
+    losses = positive(losses)
+    gap = losses / base_loss_value(state, steps_per_epoch)
+    lam = jnp.where(base_loss_ready(state, steps_per_epoch),
+                    num_tasks * jax.nn.softmax(gap), 1.0)
+    return lam / losses, base_loss_update(state, losses, steps_per_epoch)
+
+  return reweighter("igb_v1", lambda: base_loss_init(num_tasks), weights,
+                    num_tasks=num_tasks, needs_positive=True)

@@ -1,0 +1,66 @@
+"""Loss balancers with learned per-task scales, each trained by its own optimizer step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax.loss.base import check_positive_int, reweighter
+
+
+class LearnedScaleState(NamedTuple):
+  log_scale: jax.Array       # (K,) the learned s_i
+  opt_state: optax.OptState  # the inner optimizer's state for s
+
+
+def _learned_scale(
+    name: str,
+    num_tasks: int,
+    init_value: float,
+    optimizer: optax.GradientTransformation,
+    weight: Callable[[jax.Array], jax.Array],
+    grad: Callable[[jax.Array, jax.Array], jax.Array],
+) -> optax.GradientTransformationExtraArgs:
+  """Rows scaled by `weight(s)`; s takes one `optimizer` step on `grad(s, losses)`."""
+  check_positive_int(num_tasks, f"{name}: num_tasks")
+
+  def init():
+    log_scale = jnp.full((num_tasks,), init_value, jnp.float32)
+    return LearnedScaleState(log_scale, optimizer.init(log_scale))
+
+  def weights(losses, state):
+    s = state.log_scale
+    step, opt_state = optimizer.update(grad(s, losses), state.opt_state, s)
+    return weight(s), LearnedScaleState(optax.apply_updates(s, step), opt_state)
+
+  return reweighter(name, init, weights, num_tasks=num_tasks)
+
+
+def uw(num_tasks: int, learning_rate: optax.ScalarOrSchedule = 1e-3,
+       init_log_var: float = -0.5) -> optax.GradientTransformationExtraArgs:
+  """UW: minimize sum_i exp(-s_i) L_i + s_i over the model and s (Adam on s).
+
+  Kendall et al. 2018, Eq. 7 in LibMTL's form (s = log sigma^2, init -0.5; torchjd uses 0).
+  Rows are scaled by exp(-s_i); d/ds_i = 1 - exp(-s_i) L_i.
+  """
+  return _learned_scale(
+      "uw", num_tasks, init_log_var, optax.adam(learning_rate),
+      weight=lambda s: jnp.exp(-s),
+      grad=lambda s, losses: 1.0 - jnp.exp(-s) * losses)
+
+
+def imtl_l(num_tasks: int, learning_rate: optax.ScalarOrSchedule = 1e-3,
+           init_scale: float = 0.0) -> optax.GradientTransformationExtraArgs:
+  """IMTL-L: minimize sum_i exp(s_i) L_i - s_i over the model and s (Adam on s).
+
+  Liu et al. 2021 (IMTL, ICLR), Sec. 3.2, Eq. 3. Rows are scaled by exp(s_i);
+  d/ds_i = exp(s_i) L_i - 1.
+  """
+  return _learned_scale(
+      "imtl_l", num_tasks, init_scale, optax.adam(learning_rate),
+      weight=jnp.exp,
+      grad=lambda s, losses: jnp.exp(s) * losses - 1.0)

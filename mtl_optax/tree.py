@@ -1,0 +1,102 @@
+"""Helpers for stacked per-task trees: every leaf carries a leading task axis of size K."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Tree = Any
+MaskOrFn = Tree | Callable[[Tree], Tree] | None
+
+
+def num_tasks(stacked: Tree, expected: int | None = None, name: str = "mtl_optax") -> int:
+  """Returns K, the common leading axis of all leaves; raises at trace time if it differs."""
+  leaves = jax.tree_util.tree_leaves_with_path(stacked)
+  if not leaves:
+    raise ValueError(f"{name}: the stacked updates have no leaves.")
+  sizes = {}
+  for path, leaf in leaves:
+    if jnp.ndim(leaf) == 0:
+      raise ValueError(
+          f"{name}: leaf {jax.tree_util.keystr(path)} is a scalar; stacked per-task "
+          "gradients need a leading task axis of size K (as jax.jacrev of K losses gives)."
+      )
+    sizes.setdefault(jnp.shape(leaf)[0], jax.tree_util.keystr(path))
+  if expected is not None:
+    sizes.setdefault(expected, "num_tasks")
+  if len(sizes) > 1:
+    detail = ", ".join(f"{where} has {k}" for k, where in sizes.items())
+    raise ValueError(f"{name}: leading task axes disagree ({detail}); all must equal K.")
+  return next(iter(sizes))
+
+
+def check_losses(
+    losses: jax.Array | None, k: int, name: str, *, positive: bool = False
+) -> jax.Array:
+  """Validates the extra argument `losses` (shape `(K,)`) at trace time.
+
+  With `positive=True` (balancers that take a log), concrete non-positive values raise;
+  inside `jit` values are unknown at trace time, so those balancers floor losses instead.
+  """
+  if losses is None:
+    raise ValueError(
+        f"{name} needs the task losses: call update(updates, state, params, losses=losses) "
+        "with losses of shape (K,)."
+    )
+  losses = jnp.asarray(losses)
+  if losses.shape != (k,):
+    raise ValueError(f"{name}: losses have shape {losses.shape}, expected ({k},) for K={k} tasks.")
+  if positive and not isinstance(losses, jax.core.Tracer):
+    bad = np.flatnonzero(~(np.asarray(losses) > 0))
+    if bad.size:
+      raise ValueError(
+          f"{name} takes log(L_i) and needs positive losses; tasks {bad.tolist()} have "
+          f"losses {np.asarray(losses)[bad].tolist()}."
+      )
+  return losses
+
+
+def scale_rows(weights: jax.Array, stacked: Tree) -> Tree:
+  """Row i of every leaf times `weights[i]`."""
+  def scale(leaf):
+    w = weights.astype(leaf.dtype)
+    return leaf * w.reshape((-1,) + (1,) * (leaf.ndim - 1))
+  return jax.tree.map(scale, stacked)
+
+
+def combine(weights: jax.Array, stacked: Tree) -> Tree:
+  """The weighted sum of rows, `sum_i weights[i] * row_i`, shaped like the parameters."""
+  return jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), stacked)
+
+
+def gram(stacked: Tree) -> jax.Array:
+  """The K x K Gram matrix `G G^T` of the rows, as a sum of per-leaf contractions."""
+  def leaf_gram(leaf):
+    flat = leaf.reshape(leaf.shape[0], -1)
+    return jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
+  return sum(leaf_gram(leaf) for leaf in jax.tree.leaves(stacked))
+
+
+def resolve_mask(shared: MaskOrFn, params: Tree) -> Tree:
+  """The `shared` mask as a pytree of bools like `params` (None: every leaf is shared)."""
+  if shared is None:
+    return jax.tree.map(lambda _: True, params)
+  return shared(params) if callable(shared) else shared
+
+
+def split(stacked: Tree, mask: Tree) -> tuple[Tree, Tree]:
+  """Splits a tree into its shared and task-specific parts (the others set to None)."""
+  shared = jax.tree.map(lambda m, x: x if m else None, mask, stacked)
+  specific = jax.tree.map(lambda m, x: None if m else x, mask, stacked)
+  return shared, specific
+
+
+def merge(shared: Tree, specific: Tree, mask: Tree) -> Tree:
+  """Inverse of `split`."""
+  return jax.tree.map(
+      lambda m, a, b: a if m else b, mask, shared, specific, is_leaf=lambda x: x is None
+  )
