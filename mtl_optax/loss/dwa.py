@@ -25,8 +25,8 @@ def dwa(num_tasks: int, steps_per_epoch: int,
   Liu et al. 2019 (MTAN), Eq. 1, with epoch-average losses as in LibMTL. A zero average in
   the denominator is floored (`positive`), so zero losses give finite weights.
   """
-  check_positive_int(num_tasks, "dwa: num_tasks")
-  check_positive_int(steps_per_epoch, "dwa: steps_per_epoch")
+  num_tasks = check_positive_int(num_tasks, "dwa: num_tasks")
+  steps_per_epoch = check_positive_int(steps_per_epoch, "dwa: steps_per_epoch")
 
   def init():
     zeros = jnp.zeros((num_tasks,), jnp.float32)

@@ -50,7 +50,7 @@ def famo(
       famo.py defaults to 1e-2 and its experiments set it per data set).
     min_losses: L_min, known lower bounds of the losses (default 0); losses must be >= them.
   """
-  check_positive_int(num_tasks, "famo: num_tasks")
+  num_tasks = check_positive_int(num_tasks, "famo: num_tasks")
   floor = (jnp.zeros((num_tasks,), jnp.float32) if min_losses is None
            else jnp.asarray(min_losses, jnp.float32))
   if floor.shape != (num_tasks,):
