@@ -282,12 +282,16 @@ def test_degenerate_inputs_stay_finite(name):
   for k, losses in [(1, [0.7]), (K, [1.0, 1.0, 1.0]), (K, [1e-30, 0.0, 2.0])]:
     tx = ALL[name](k)
     rows = jax.tree.map(jnp.zeros_like, stacked_rows(k))
-    step = jax.jit(lambda st, l: tx.update(rows, st, None, losses=l))
+
+    @jax.jit
+    def step(state, losses):
+      s, _ = mtl_optax.task_weights(tx, state, losses)
+      out, state = tx.update(rows, state, None, losses=losses)
+      return out, state, s
+
     state = tx.init(None)
     for _ in range(4):  # crosses DWA's and IGBv1's epoch boundaries (steps_per_epoch = 1)
-      out, state = step(state, jnp.asarray(losses, jnp.float32))
-      s, _ = jax.jit(lambda st, l: mtl_optax.task_weights(tx, st, l))(
-          state, jnp.asarray(losses, jnp.float32))
+      out, state, s = step(state, jnp.asarray(losses, jnp.float32))
       assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((out, state, s))), (k, losses)
       jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0.0), out)
     if k == 1 and name not in ("uw", "imtl_l", "log_losses", "igb_v1"):
