@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import mtl_optax
+from mtl_optax.loss.base import LOSS_FLOOR
 
 K = 3
 
@@ -51,7 +52,7 @@ def test_wrong_number_of_losses(name, jit):
 def test_leaf_with_another_leading_axis(name, jit):
   tx = BALANCERS[name]()
   bad = {"a": jnp.ones((K, 4)), "b": {"c": jnp.ones((K + 1, 2, 3))}}
-  with pytest.raises(ValueError, match=rf"{name}: leading task axes disagree .*\['b'\]\['c'\] has 4"):
+  with pytest.raises(ValueError, match=rf"{name}: leading task axes disagree .*\['c'\] has 4"):
     update_fn(tx, jit)(bad, tx.init(None), losses())
 
 
@@ -109,7 +110,6 @@ def test_famo_losses_below_min_losses_raise():
 @pytest.mark.parametrize("name", LOG_BASED + ["famo", "dwa"])
 def test_non_positive_losses_under_jit_are_finite(name):
   """Inside jit loss values are unknown at trace time: losses are floored (LOSS_FLOOR)."""
-  from mtl_optax.loss.base import LOSS_FLOOR
   tx = BALANCERS[name]()
   step = jax.jit(lambda s, l: tx.update(rows(), s, None, losses=l))
   state = tx.init(None)

@@ -41,7 +41,8 @@ def famo(
   `post_step_losses` is the previous step's batch re-evaluated at the current parameters.
   This reproduces the reference's sequence of weights exactly. Without `post_step_losses`,
   the current losses `L_t` stand in for it (a cheaper variant: delta then mixes the loss
-  change with the change of batch). The first call takes no logit step.
+  change with the change of batch). The first call takes no logit step. The reference also
+  clips the gradient norm (max_norm = 1): chain `optax.clip_by_global_norm` for that.
 
   Args:
     num_tasks: K.
