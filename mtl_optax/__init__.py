@@ -9,6 +9,9 @@ from mtl_optax.loss.learned import LearnedScaleState, imtl_l, uw
 from mtl_optax.loss.random import RLWState, rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
 
+# -- FAMO --
+from mtl_optax.loss.famo import FAMOState, famo
+
 # -- gradient balancers (issue 3) --
 
 # -- IGBv2 (issue 4) --

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,7 @@ def reweighter(
 
 
 def check_positive_int(value: int, what: str) -> int:
-  """Raises unless `value` is a positive Python int (a static hyperparameter)."""
-  if not isinstance(value, int) or value <= 0:
+  """Raises unless `value` is a positive integer (a static hyperparameter; not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
     raise ValueError(f"{what} must be a positive int, got {value!r}.")
-  return value
+  return int(value)

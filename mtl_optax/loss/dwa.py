@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_optax.loss.base import check_positive_int, reweighter
+from mtl_optax.loss.base import check_positive_int, positive, reweighter
 
 
 class DWAState(NamedTuple):
@@ -22,10 +22,11 @@ def dwa(num_tasks: int, steps_per_epoch: int,
         temperature: float = 2.0) -> optax.GradientTransformationExtraArgs:
   """DWA: w = K softmax(r / T), r_i = Lbar_i(e-1) / Lbar_i(e-2); w = 1 in epochs 0 and 1.
 
-  Liu et al. 2019 (MTAN), Eq. 1, with epoch-average losses as in LibMTL.
+  Liu et al. 2019 (MTAN), Eq. 1, with epoch-average losses as in LibMTL. A zero average in
+  the denominator is floored (`positive`), so zero losses give finite weights.
   """
-  check_positive_int(num_tasks, "dwa: num_tasks")
-  check_positive_int(steps_per_epoch, "dwa: steps_per_epoch")
+  num_tasks = check_positive_int(num_tasks, "dwa: num_tasks")
+  steps_per_epoch = check_positive_int(steps_per_epoch, "dwa: steps_per_epoch")
 
   def init():
     zeros = jnp.zeros((num_tasks,), jnp.float32)
@@ -33,7 +34,7 @@ def dwa(num_tasks: int, steps_per_epoch: int,
 
   def weights(losses, state):
     ready = state.count >= 2 * steps_per_epoch
-    ratio = state.last / jnp.where(ready, state.before_last, 1.0)
+    ratio = state.last / jnp.where(ready, positive(state.before_last), 1.0)
     w = jnp.where(ready, num_tasks * jax.nn.softmax(ratio / temperature), 1.0)
     epoch_sum = state.epoch_sum + losses
     epoch_done = (state.count + 1) % steps_per_epoch == 0

@@ -45,8 +45,8 @@ def igb_v1(num_tasks: int, steps_per_epoch: int) -> optax.GradientTransformation
   (plain log losses), L_base = mean raw loss over epoch 2, lambda treated as a constant,
   so s_i = lambda_i / L_i.
   """
-  check_positive_int(num_tasks, "igb_v1: num_tasks")
-  check_positive_int(steps_per_epoch, "igb_v1: steps_per_epoch")
+  num_tasks = check_positive_int(num_tasks, "igb_v1: num_tasks")
+  steps_per_epoch = check_positive_int(steps_per_epoch, "igb_v1: steps_per_epoch")
 
   def weights(losses, state):
     losses = positive(losses)

@@ -26,7 +26,7 @@ def _learned_scale(
     grad: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> optax.GradientTransformationExtraArgs:
   """Rows scaled by `weight(s)`; s takes one `optimizer` step on `grad(s, losses)`."""
-  check_positive_int(num_tasks, f"{name}: num_tasks")
+  num_tasks = check_positive_int(num_tasks, f"{name}: num_tasks")
 
   def init():
     log_scale = jnp.full((num_tasks,), init_value, jnp.float32)

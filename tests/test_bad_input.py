@@ -1,0 +1,145 @@
+"""Bad input gives a clear error at trace time; inside jit, bad loss values stay finite."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_optax
+from mtl_optax.loss.base import LOSS_FLOOR
+
+K = 3
+
+BALANCERS = {
+    "equal_weights": lambda: mtl_optax.equal_weights(),
+    "log_losses": lambda: mtl_optax.log_losses(),
+    "gls": lambda: mtl_optax.gls(),
+    "rlw": lambda: mtl_optax.rlw(0),
+    "dwa": lambda: mtl_optax.dwa(K, 2),
+    "uw": lambda: mtl_optax.uw(K),
+    "imtl_l": lambda: mtl_optax.imtl_l(K),
+    "igb_v1": lambda: mtl_optax.igb_v1(K, 2),
+    "famo": lambda: mtl_optax.famo(K),
+}
+NAMES = sorted(BALANCERS)
+LOG_BASED = ["gls", "igb_v1", "log_losses"]
+
+
+def rows(k=K):
+  return {"a": jnp.ones((k, 4)), "b": {"c": jnp.ones((k, 2, 3))}}
+
+
+def losses(k=K):
+  return jnp.linspace(0.5, 2.0, k)
+
+
+def update_fn(tx, jit):
+  fn = lambda u, s, l: tx.update(u, s, None, losses=l)
+  return jax.jit(fn) if jit else fn
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_number_of_losses(name, jit):
+  tx = BALANCERS[name]()
+  with pytest.raises(ValueError, match=rf"{name}: losses have shape \(4,\), expected \(3,\)"):
+    update_fn(tx, jit)(rows(), tx.init(None), losses(K + 1))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_leaf_with_another_leading_axis(name, jit):
+  tx = BALANCERS[name]()
+  bad = {"a": jnp.ones((K, 4)), "b": {"c": jnp.ones((K + 1, 2, 3))}}
+  with pytest.raises(ValueError, match=rf"{name}: leading task axes disagree .*\['c'\] has 4"):
+    update_fn(tx, jit)(bad, tx.init(None), losses())
+
+
+@pytest.mark.parametrize("name", ["dwa", "uw", "imtl_l", "igb_v1", "famo"])
+def test_per_task_state_rejects_another_k(name):
+  """Balancers whose state is per task check K against the stacked rows too."""
+  tx = BALANCERS[name]()
+  with pytest.raises(ValueError, match=rf"{name}: leading task axes disagree.*num_tasks has 3"):
+    jax.jit(lambda u, s, l: tx.update(u, s, None, losses=l))(rows(2), tx.init(None), losses(2))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scalar_leaf(name):
+  tx = BALANCERS[name]()
+  bad = {"a": jnp.ones((K, 4)), "s": jnp.ones(())}
+  with pytest.raises(ValueError, match=rf"{name}: leaf \['s'\] is a scalar"):
+    tx.update(bad, tx.init(None), None, losses=losses())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_missing_losses(name):
+  tx = BALANCERS[name]()
+  with pytest.raises(ValueError, match=rf"{name} needs the task losses"):
+    tx.update(rows(), tx.init(None))
+  chain = optax.chain(tx, mtl_optax.sum_tasks())
+  with pytest.raises(ValueError, match=rf"{name} needs the task losses"):
+    jax.jit(lambda u, s: chain.update(u, s, None))(rows(), chain.init(None))
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.0, 1.0], [0.5, 1.0, -2.0]])
+@pytest.mark.parametrize("name", LOG_BASED)
+def test_non_positive_losses_raise_when_concrete(name, bad):
+  tx = BALANCERS[name]()
+  with pytest.raises(ValueError, match=rf"{name} takes log\(L_i\) and needs positive losses"):
+    tx.update(rows(), tx.init(None), None, losses=jnp.asarray(bad))
+  with pytest.raises(ValueError, match=rf"{name} takes log"):
+    mtl_optax.task_weights(tx, tx.init(None), jnp.asarray(bad))
+
+
+def test_famo_losses_below_min_losses_raise():
+  tx = mtl_optax.famo(K, min_losses=[0.0, 0.6, 0.0])
+  with pytest.raises(ValueError, match=r"famo .* needs losses >= min_losses; tasks \[1\]"):
+    tx.update(rows(), tx.init(None), None, losses=jnp.asarray([1.0, 0.5, 1.0]))
+  state = tx.update(rows(), tx.init(None), None, losses=jnp.ones(K))[1]
+  with pytest.raises(ValueError, match=r"post_step_losses >= min_losses; tasks \[0, 1\]"):
+    tx.update(rows(), state, None, losses=jnp.ones(K),
+              post_step_losses=jnp.asarray([-1.0, 0.0, 1.0]))
+  with pytest.raises(ValueError, match=r"famo \(post_step_losses\): losses have shape \(2,\)"):
+    jax.jit(lambda s, p: tx.update(rows(), s, None, losses=jnp.ones(K), post_step_losses=p))(
+        state, jnp.ones(2))
+  with pytest.raises(ValueError, match=r"famo: min_losses has shape \(2,\), expected \(3,\)"):
+    mtl_optax.famo(K, min_losses=[0.0, 0.0])
+
+
+@pytest.mark.parametrize("name", LOG_BASED + ["famo", "dwa"])
+def test_non_positive_losses_under_jit_are_finite(name):
+  """Inside jit loss values are unknown at trace time: losses are floored (LOSS_FLOOR)."""
+  tx = BALANCERS[name]()
+  step = jax.jit(lambda s, l: tx.update(rows(), s, None, losses=l))
+  state = tx.init(None)
+  for _ in range(6):  # into epoch 3 for DWA and IGBv1
+    out, state = step(state, jnp.asarray([0.0, -1.0, 2.0]))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((out, state)))
+  if name == "log_losses":  # s_i = 1 / (max(L_i, floor) + eps)
+    np.testing.assert_allclose(out["a"][:, 0], 1 / (np.array([LOSS_FLOOR] * 2 + [2.0]) + 1e-8),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda v: mtl_optax.dwa(v, 3), "dwa: num_tasks"),
+    (lambda v: mtl_optax.dwa(K, v), "dwa: steps_per_epoch"),
+    (lambda v: mtl_optax.igb_v1(v, 3), "igb_v1: num_tasks"),
+    (lambda v: mtl_optax.igb_v1(K, v), "igb_v1: steps_per_epoch"),
+    (lambda v: mtl_optax.uw(v), "uw: num_tasks"),
+    (lambda v: mtl_optax.imtl_l(v), "imtl_l: num_tasks"),
+    (lambda v: mtl_optax.famo(v), "famo: num_tasks"),
+])
+def test_hyperparameters_must_be_positive_ints(make, what):
+  for bad in [0, -2, 1.5, 3.0, True, None, jnp.asarray(3)]:
+    with pytest.raises(ValueError, match=rf"{what} must be a positive int, got"):
+      make(bad)
+  make(np.int64(3))  # NumPy integers are integers
+
+
+def test_task_weights_rejects_an_aggregator():
+  with pytest.raises(ValueError, match=r"task_weights needs a loss balancer"):
+    mtl_optax.task_weights(mtl_optax.sum_tasks(), optax.EmptyState(), losses())
+  chain = optax.chain(mtl_optax.log_losses(), mtl_optax.mean_tasks())
+  with pytest.raises(ValueError, match=r"reduced the task axis"):
+    jax.jit(lambda l: mtl_optax.task_weights(chain, chain.init(None), l))(losses())
