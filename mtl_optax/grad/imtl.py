@@ -15,19 +15,21 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
   """alpha with d = sum_i alpha_i g_i, sum alpha = 1 and d . u_i equal for all i.
 
   Liu et al. 2021, Sec. 3.1 (closed form of alpha): with N = diag(||g_i||) and the cosines
-  C = N^-1 M N^-1, d . u_i = (C N alpha)_i is constant iff N alpha is proportional to C^-1 1, so
-  alpha = N^-1 C^+ 1 / sum(N^-1 C^+ 1). Equal to the paper's closed form when the rows are
+  C = N^-1 M N^-1, d . u_i = (C N alpha)_i is constant iff N alpha is proportional to C^-1 1,
+  so alpha = N^-1 C^+ 1 / sum(N^-1 C^+ 1). Equal to the paper's closed form when the rows are
   independent; the pseudo-inverse of the well-scaled C handles dependent rows (d is then the
-  least-squares fit of equal unit projections) and zero rows (alpha_i = 0). No usable
-  direction (sum ~ 0, e.g. all-zero rows) gives alpha = 0.
+  least-squares fit of equal unit projections) and zero rows (alpha_i = 0). When no direction
+  fits (1^T C^+ 1 ~ 0: opposite or all-zero rows) alpha = 0. As in the paper, a negative
+  sum(N^-1 C^+ 1) gives equal but negative projections.
   """
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
   nonzero = norms > 0
   inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, norms, 1.0), 0.0)
   cosines = gram * inv[:, None] * inv[None, :]
-  v = inv * (jnp.linalg.pinv(cosines, hermitian=True) @ jnp.ones_like(norms))
+  fit = jnp.linalg.pinv(cosines, hermitian=True) @ jnp.ones_like(norms)
+  v = inv * fit
   total = v.sum()
-  usable = jnp.abs(total) > 1e-6 * jnp.abs(v).sum()
+  usable = (fit.sum() > 1e-6) & (total != 0)
   return jnp.where(usable, v / jnp.where(usable, total, 1.0), 0.0)
 
 
