@@ -13,6 +13,15 @@ from mtl_optax.loss.scale import equal_weights, gls, log_losses
 from mtl_optax.loss.famo import FAMOState, famo
 
 # -- gradient balancers (issue 3) --
+# part B
+from mtl_optax.grad.aligned_mtl import aligned_mtl
+from mtl_optax.grad.db_mtl import DBMTLState, db_mtl
+from mtl_optax.grad.graddrop import GradDropState, graddrop
+from mtl_optax.grad.gradnorm import GradNormState, gradnorm
+from mtl_optax.grad.gradvac import GradVacState, gradvac
+from mtl_optax.grad.imtl import imtl, imtl_g
+from mtl_optax.grad.moco import MoCoState, moco
+from mtl_optax.grad.pcgrad import PCGradState, pcgrad
 
 # -- IGBv2 (issue 4) --
 

@@ -82,6 +82,17 @@ def gram_aggregator(
   return aggregator(name, init_fn, aggregate, **kwargs)
 
 
+def shared_zeros(params: Any, num_tasks: int, shared: tree_lib.MaskOrFn) -> Any:
+  """Zeros shaped like the stacked shared rows (K, *leaf.shape), None at task-specific leaves.
+
+  The initial state of balancers that keep per-task gradient buffers (EMAs).
+  """
+  mask = tree_lib.resolve_mask(shared, params)
+  return jax.tree.map(
+      lambda m, p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)) if m else None,
+      mask, params)
+
+
 def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransformationExtraArgs:
   def update(updates, state, params=None, **extra_args):
     del params, extra_args

@@ -1,0 +1,57 @@
+"""DB-MTL: dual-balancing multi-task learning (Lin et al. 2023)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax import tree as tree_lib
+from mtl_optax.grad.base import aggregator, shared_zeros
+from mtl_optax.loss.base import check_positive_int
+from mtl_optax.loss.scale import log_losses
+
+_EPS = 1e-8  # the reference's guard in u_max / (u_i + eps)
+
+
+class DBMTLState(NamedTuple):
+  count: jax.Array  # steps taken (k - 1)
+  grads: Any        # ghat: EMA of the per-task gradients, shaped like the stacked shared rows
+
+
+def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
+           log_transform: bool = True, eps: float = 1e-8,
+           shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
+  """DB-MTL: log losses, then EMA gradients rescaled to the largest one's norm and summed.
+
+  Lin et al. 2023, Alg. 1, Eqs. 1-2 (LibMTL DB_MTL): rows grad log(L_i + eps); at step k (from 1)
+  ghat_i <- beta_k ghat_i + (1 - beta_k) g_i with beta_k = beta / k^beta_sigma (no bias
+  correction, ghat starts at 0); u_i = ||ghat_i||, d = max_j u_j sum_i ghat_i / (u_i + 1e-8).
+  All-zero gradients give d = 0. Task-specific leaves get grad sum_i log(L_i + eps).
+
+  The one-call API is `optax.chain(log_losses(eps), <gradient part>)` (needs positive
+  `losses`); `log_transform=False` returns the gradient part alone, for rows that another
+  loss balancer chained before it has already transformed.
+  """
+  check_positive_int(num_tasks, "db_mtl: num_tasks")
+
+  def init(params):
+    return DBMTLState(jnp.zeros([], jnp.int32), shared_zeros(params, num_tasks, shared))
+
+  def aggregate(rows, state, losses, params):
+    del losses, params
+    beta_k = beta / (state.count + 1).astype(jnp.float32)**beta_sigma
+
+    def ema(old, new):
+      b = beta_k.astype(old.dtype)
+      return b * old + (1 - b) * new
+
+    grads = jax.tree.map(ema, state.grads, rows)
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(grads)), 0.0))
+    weights = norms.max() / (norms + _EPS)
+    return tree_lib.combine(weights, grads), None, DBMTLState(state.count + 1, grads)
+
+  balancer = aggregator("db_mtl", init, aggregate, shared=shared, num_tasks=num_tasks)
+  return optax.chain(log_losses(eps), balancer) if log_transform else balancer

@@ -1,0 +1,77 @@
+"""Gradient Vaccine (Wang et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax import tree as tree_lib
+from mtl_optax.grad.base import gram_aggregator
+from mtl_optax.grad.pcgrad import task_orders
+from mtl_optax.loss.base import check_positive_int
+from mtl_optax.loss.random import as_key
+
+_EPS = 1e-8  # the reference's guard in both denominators (LibMTL GradVac)
+
+
+class GradVacState(NamedTuple):
+  key: jax.Array
+  target: jax.Array  # (K, K) EMA of the cosine of gpc_i with g_j (the target phi-hat_ij)
+
+
+def gradvac_weights(gram: jax.Array, target: jax.Array, orders: jax.Array,
+                    beta: float) -> tuple[jax.Array, jax.Array]:
+  """Weights w with sum_i gpc_i = sum_m w_m g_m, and the updated targets.
+
+  Wang et al. 2021, Eq. 3 and Alg. 1 (as in LibMTL): for j in task i's order (j != i),
+  phi = cos(gpc_i, g_j); if phi < target_ij, gpc_i += ||gpc_i|| (t sqrt(1 - phi^2) -
+  phi sqrt(1 - t^2)) / (||g_j|| sqrt(1 - t^2)) g_j; then target_ij <- (1 - beta) t + beta phi.
+  gpc_i = sum_m C_im g_m, so every dot product and norm comes from the Gram matrix.
+  """
+  k = gram.shape[0]
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+
+  def row(i, order, target_row):
+    def vaccinate(carry, j):
+      coef, target_row = carry
+      pc_norm = jnp.sqrt(jnp.maximum(coef @ gram @ coef, 0.0))
+      phi = jnp.clip(coef @ gram[:, j] / (pc_norm * norms[j] + _EPS), -1.0, 1.0)
+      t = target_row[j]
+      sin_t = jnp.sqrt(1.0 - t**2)
+      step = pc_norm * (t * jnp.sqrt(1.0 - phi**2) - phi * sin_t) / (norms[j] * sin_t + _EPS)
+      other = j != i
+      coef = coef.at[j].add(jnp.where(other & (phi < t), step, 0.0))
+      target_row = target_row.at[j].set(jnp.where(other, (1.0 - beta) * t + beta * phi, t))
+      return (coef, target_row), None
+    (coef, target_row), _ = jax.lax.scan(
+        vaccinate, (jnp.eye(k, dtype=gram.dtype)[i], target_row), order)
+    return coef, target_row
+
+  coef, target = jax.vmap(row)(jnp.arange(k), orders, target)
+  return coef.sum(0), target
+
+
+def gradvac(num_tasks: int, key: jax.Array | int, beta: float = 0.5, *,
+            shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
+  """GradVac: raise each pair's gradient cosine to an EMA target, then sum.
+
+  Wang et al. 2021, Alg. 1, in LibMTL's form: beta = 0.5, targets start at 0, one group (all
+  shared parameters; LibMTL's `GradVac_group_type=0`), a fresh random order per task every
+  step. Task-specific leaves get the plain sum of their rows.
+  """
+  check_positive_int(num_tasks, "gradvac: num_tasks")
+
+  def init(params):
+    del params
+    return GradVacState(as_key(key), jnp.zeros((num_tasks, num_tasks), jnp.float32))
+
+  def weights(gram, state, losses):
+    del losses
+    key, sub = jax.random.split(state.key)
+    w, target = gradvac_weights(gram, state.target, task_orders(sub, num_tasks), beta)
+    return w, GradVacState(key, target)
+
+  return gram_aggregator("gradvac", init, weights, shared=shared, num_tasks=num_tasks)

@@ -1,0 +1,65 @@
+"""MoCo: multi-objective gradient correction (Fernando et al., ICLR 2023)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax import tree as tree_lib
+from mtl_optax.grad.base import aggregator, shared_zeros
+from mtl_optax.loss.base import check_positive_int
+
+_EPS = 1e-8  # LibMTL's guard when normalizing the rows
+
+SimplexMap = Literal["softmax", "projection"]
+
+
+class MoCoState(NamedTuple):
+  count: jax.Array    # steps taken
+  tracking: Any       # y: the tracked per-task gradients, shaped like the stacked shared rows
+  weights: jax.Array  # (K,) lambda, on the simplex
+
+
+def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
+         gamma_sigma: float = 0.5, rho: float = 0.0, *, normalize: bool = True,
+         simplex: SimplexMap = "softmax",
+         shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
+  """MoCo: lambda-weighted sum of tracked gradients y, lambda updated on the simplex.
+
+  Fernando et al. 2023, Alg. 1, in LibMTL's form (its defaults): at step k (from 1),
+  y_i <- y_i - beta_k (y_i - g_i) with beta_k = beta / k^beta_sigma;
+  lambda <- S(lambda - gamma_k (Y Y^T + rho I) lambda) with gamma_k = gamma / k^gamma_sigma;
+  d = sum_i lambda_i y_i. S is a softmax (LibMTL, and the authors' Cityscapes code) or the
+  Euclidean projection onto the simplex (`simplex="projection"`: the paper, and the authors'
+  NYUv2 code). With `normalize` (LibMTL) the rows enter as g_i / (||g_i|| + 1e-8) * L_i, which
+  needs `losses`. y starts at 0 and lambda at 1/K. Task-specific leaves get the plain sum.
+  """
+  check_positive_int(num_tasks, "moco: num_tasks")
+  if simplex not in ("softmax", "projection"):
+    raise ValueError(f"moco: simplex must be 'softmax' or 'projection', got {simplex!r}.")
+  to_simplex = (jax.nn.softmax if simplex == "softmax"
+                else optax.projections.projection_simplex)
+
+  def init(params):
+    return MoCoState(jnp.zeros([], jnp.int32), shared_zeros(params, num_tasks, shared),
+                     jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
+
+  def aggregate(rows, state, losses, params):
+    del params
+    step = (state.count + 1).astype(jnp.float32)
+    if normalize:
+      norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(rows)), 0.0))
+      rows = tree_lib.scale_rows(losses / (norms + _EPS), rows)
+    beta_k = beta / step**beta_sigma
+    tracking = jax.tree.map(lambda y, g: y - beta_k.astype(y.dtype) * (y - g),
+                            state.tracking, rows)
+    gram = tree_lib.gram(tracking) + rho * jnp.eye(num_tasks)
+    weights = to_simplex(state.weights - gamma / step**gamma_sigma * gram @ state.weights)
+    return (tree_lib.combine(weights, tracking), None,
+            MoCoState(state.count + 1, tracking, weights))
+
+  return aggregator("moco", init, aggregate, shared=shared, num_tasks=num_tasks,
+                    needs_losses=normalize)

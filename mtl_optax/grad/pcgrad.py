@@ -1,0 +1,61 @@
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax import tree as tree_lib
+from mtl_optax.grad.base import gram_aggregator
+from mtl_optax.loss.random import as_key
+
+
+class PCGradState(NamedTuple):
+  key: jax.Array
+
+
+def task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
+  """Row i is a fresh random permutation of the K tasks: the order in which task i meets them."""
+  keys = jax.random.split(key, num_tasks)
+  return jax.vmap(lambda sub: jax.random.permutation(sub, num_tasks))(keys)
+
+
+def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
+  """Weights w with sum_i gpc_i = sum_m w_m g_m, tracked on the Gram matrix alone.
+
+  Yu et al. 2020, Alg. 1: for j in task i's order (j != i), if gpc_i . g_j < 0,
+  gpc_i -= (gpc_i . g_j) / ||g_j||^2 g_j. With gpc_i = sum_m C_im g_m, gpc_i . g_j = (C M)_ij
+  and the projection only changes C_ij; the output sum_i gpc_i has weights sum_i C_im.
+  """
+  k = gram.shape[0]
+  sq_norms = jnp.diag(gram)
+
+  def row(i, order):
+    def project(coef, j):
+      dot = coef @ gram[:, j]
+      conflict = (j != i) & (dot < 0)
+      step = jnp.where(conflict, dot / jnp.where(conflict, sq_norms[j], 1.0), 0.0)
+      return coef.at[j].add(-step), None
+    coef, _ = jax.lax.scan(project, jnp.eye(k, dtype=gram.dtype)[i], order)
+    return coef
+
+  return jax.vmap(row)(jnp.arange(k), orders).sum(0)
+
+
+def pcgrad(key: jax.Array | int, *, shared: tree_lib.MaskOrFn = None,
+           num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+  """PCGrad: each task's gradient projected off the ones it conflicts with, then summed.
+
+  Yu et al. 2020, Alg. 1, with a fresh random order per task every step (drawn from the key
+  in the state). Task-specific leaves get the plain sum of their rows.
+  """
+  def weights(gram, state, losses):
+    del losses
+    key, sub = jax.random.split(state.key)
+    return pcgrad_weights(gram, task_orders(sub, gram.shape[0])), PCGradState(key)
+
+  return gram_aggregator("pcgrad", lambda params: PCGradState(as_key(key)), weights,
+                         shared=shared, num_tasks=num_tasks)
