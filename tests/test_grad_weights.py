@@ -10,6 +10,7 @@ import pytest
 
 from grad_b_reference import (CASES, F32_EPS, P, adam_ref, assert_close, jacobian, make,
                               params_like, run, step_keys, to_tree)
+import mtl_optax
 from mtl_optax.grad.pcgrad import task_orders
 
 # -- PCGrad --
