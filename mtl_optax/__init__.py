@@ -12,5 +12,7 @@ from mtl_optax.loss.scale import equal_weights, gls, log_losses
 # -- gradient balancers (issue 3) --
 
 # -- IGBv2 (issue 4) --
+from mtl_optax.loss.igb_v2 import IGBv2State, igb_v2
+from mtl_optax.rl import SAC, SACState, sac
 
 __version__ = "0.1.0"
