@@ -20,23 +20,28 @@ def _sharp_actor(actor):
   return {"params": {**actor["params"], "Dense_3": pinned}}
 
 
-def _run_schedule(tx, losses, sharpen_at=0):
-  """Runs `task_weights` step by step; returns the weights w = s * L and the states after each."""
+def _run_schedule(tx, losses):
+  """Runs `task_weights` step by step from a sharp actor; returns w = s * L and the states."""
   step = jax.jit(lambda state, l: mtl_optax.task_weights(tx, state, l))
-  state, weights, states = tx.init(None), [], []
-  for t, l in enumerate(losses):
-    if t == sharpen_at:
-      state = state._replace(agent=state.agent._replace(actor=_sharp_actor(state.agent.actor)))
+  state = jax.jit(tx.init)(None)
+  state = state._replace(agent=state.agent._replace(actor=_sharp_actor(state.agent.actor)))
+  weights, states = [], []
+  for l in losses:
     s, state = step(state, l)
     weights.append(np.asarray(s) * l)
     states.append(state)
   return np.array(weights), states
 
 
+@functools.lru_cache(maxsize=None)
+def _greedy_policy(k):
+  sac = mtl_optax.sac(k, k)
+  return jax.jit(lambda agent, obs: sac.act(agent, obs, jax.random.PRNGKey(0), deterministic=True))
+
+
 def _acts_greedily(state, obs):
   """The deterministic action K softmax(mu(obs)) of the agent in `state`."""
-  sac = mtl_optax.sac(obs.shape[0], obs.shape[0])
-  return np.asarray(sac.act(state.agent, obs, jax.random.PRNGKey(0), deterministic=True))
+  return np.asarray(_greedy_policy(obs.shape[0])(state.agent, obs))
 
 
 def test_schedule_matches_card_step_by_step():
@@ -117,7 +122,7 @@ def test_train_sizes_match_reference_formula():
 
 def test_bad_input():
   tx = mtl_optax.igb_v2(3, 2, key=0)
-  state = tx.init(None)
+  state = jax.eval_shape(tx.init, None)  # the checks fire before the state is read
   with pytest.raises(ValueError, match="losses"):
     tx.update(jnp.ones((3, 2)), state)
   with pytest.raises(ValueError, match="expected"):
@@ -172,22 +177,26 @@ AGGREGATORS = {
 @functools.lru_cache(maxsize=None)
 def _stacked_step(name):
   """jit(vmap over seeds) of one step of sgd on chain(igb_v2, aggregator), with a record."""
-  igb = _igb()
-  tx = optax.chain(igb, AGGREGATORS[name][0]())
+  tx = optax.chain(_igb(), AGGREGATORS[name][0]())
 
   def step(params, state):
     losses, jac = mtl_optax.value_and_jacrev(loss_fn)(params)
-    s, _ = mtl_optax.task_weights(igb, state[0], losses, params)
     updates, state = tx.update(jac, state, params, losses=losses)
     params = jax.tree.map(lambda p, u: p - LR * u, params, updates)
+    s = state[0].prev_weights / losses  # this step's row scalings s_i = w_i / L_i
     return params, state, (losses, jac, s, updates)
   return jax.jit(jax.vmap(step))
 
 
-def _init_stacked(name):
+@functools.lru_cache(maxsize=None)
+def _stacked_init(name):
   init = lambda seed: optax.chain(_igb(seed), AGGREGATORS[name][0]()).init(PARAMS)
+  return jax.jit(jax.vmap(init))
+
+
+def _init_stacked(name):
   params = jax.tree.map(lambda x: jnp.stack([x] * len(SEEDS)), PARAMS)
-  return params, jax.vmap(init)(SEEDS)
+  return params, _stacked_init(name)(SEEDS)
 
 
 def _train_stacked(name, params, state, steps):
@@ -226,7 +235,7 @@ def test_single_backward_path_matches_stacked_sum():
     return jax.tree.map(lambda p, g: p - LR * g, params, grad), state
 
   params = jax.tree.map(lambda x: jnp.stack([x] * len(SEEDS)), PARAMS)
-  state = jax.vmap(lambda seed: _igb(seed).init(PARAMS))(SEEDS)
+  state = jax.jit(jax.vmap(lambda seed: _igb(seed).init(PARAMS)))(SEEDS)
   step = jax.jit(jax.vmap(step))
   for _ in range(STEPS):
     params, state = step(params, state)
@@ -252,7 +261,7 @@ def test_single_task_is_finite():
   tx = mtl_optax.igb_v2(1, 1, key=0, update_e=0, use_e=0, update_every=1, buffer_size=4,
                         batch_size=2)
   step = jax.jit(lambda state, l: mtl_optax.task_weights(tx, state, l))
-  state = tx.init(None)
+  state = jax.jit(tx.init)(None)
   for l in (1.0, 0.5, 0.25, 0.25):
     s, state = step(state, jnp.array([l]))
     np.testing.assert_allclose(s * l, 1.0, rtol=1e-5)

@@ -13,7 +13,7 @@ K = 3
 
 def _filled(agent, key, n):
   """Agent state whose buffer holds n random transitions."""
-  state = agent.init(key)
+  state = jax.jit(agent.init)(key)
   keys = jax.random.split(jax.random.fold_in(key, 1), 4)
   data = Transition(jax.random.normal(keys[0], (n, K)),
                     K * jax.nn.softmax(jax.random.normal(keys[1], (n, K))),
@@ -38,16 +38,16 @@ def test_learns_contextual_bandit():
     data = Transition(jax.nn.one_hot(context, K), action, reward, next_state)
     state = state._replace(buffer=state.buffer._replace(data=data, fill=jnp.int32(n)))
     state = agent.train(state, num_updates)
-
     test_context = jnp.arange(300) % K
     obs = jax.nn.one_hot(test_context, K)
     ret = lambda a: jnp.mean(a[jnp.arange(300), test_context]) / K
     random_policy = K * jax.nn.softmax(jax.random.normal(keys[4], (300, K)))
     return (ret(agent.act(state, obs, keys[5])),
             ret(agent.act(state, obs, keys[5], deterministic=True)),
-            ret(random_policy))
+            ret(random_policy), state.critic_opt[0].count)
 
-  stochastic, deterministic, random_return = jax.jit(jax.vmap(run))(jnp.arange(num_seeds))
+  stochastic, deterministic, random_return, count = jax.jit(jax.vmap(run))(jnp.arange(num_seeds))
+  np.testing.assert_array_equal(count, num_updates)
   np.testing.assert_allclose(random_return, 1.0 / K, atol=0.05)
   assert np.all(stochastic > 1.0 / K + 0.2), stochastic
   assert np.all(deterministic > 1.0 / K + 0.25), deterministic
@@ -55,18 +55,19 @@ def test_learns_contextual_bandit():
 
 def test_action_and_log_prob_match_numpy():
   agent = sac(4, K)
-  state = agent.init(jax.random.PRNGKey(0))
+  state = jax.jit(agent.init)(jax.random.PRNGKey(0))
   obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
   mean, log_std = [np.asarray(x, np.float64) for x in Actor(K).apply(state.actor, obs)]
   assert np.all(log_std >= -20) and np.all(log_std <= 2)
 
   key = jax.random.PRNGKey(1)
-  action = np.asarray(agent.act(state, obs, key))
+  act = jax.jit(agent.act, static_argnames="deterministic")
+  action = np.asarray(act(state, obs, key))
   u = mean + np.exp(log_std) * np.asarray(jax.random.normal(key, mean.shape))
   softmax = np.exp(u) / np.exp(u).sum(-1, keepdims=True)
   np.testing.assert_allclose(action, K * softmax, rtol=1e-5)
   np.testing.assert_allclose(action.sum(-1), K, rtol=1e-5)
-  det = np.asarray(agent.act(state, obs, key, deterministic=True))
+  det = np.asarray(act(state, obs, key, deterministic=True))
   np.testing.assert_allclose(det, K * np.exp(mean) / np.exp(mean).sum(-1, keepdims=True),
                              rtol=1e-5)
 
@@ -76,52 +77,58 @@ def test_action_and_log_prob_match_numpy():
   np.testing.assert_allclose(log_prob(mean, log_std, u), expected, rtol=1e-4, atol=1e-4)
 
 
+# One agent and one compiled update shared by the tests below.
+TAU, LR, TARGET_ENTROPY = 0.1, 1e-2, -50.0
+AGENT = sac(K, K, tau=TAU, learning_rate=LR, target_entropy=TARGET_ENTROPY, batch_size=8)
+UPDATE = jax.jit(AGENT.update)
+
+
+def _pin_log_std(actor, value):
+  """The same actor with a constant log-std head (Dense_3); Dense_2 is the mean head."""
+  head = actor["params"]["Dense_3"]
+  pinned = {"kernel": jnp.zeros_like(head["kernel"]), "bias": jnp.full_like(head["bias"], value)}
+  return {"params": {**actor["params"], "Dense_3": pinned}}
+
+
 def test_update_polyak_and_temperature():
-  tau, lr = 0.1, 1e-2
-  for target_entropy, direction in ((100.0, 1.0), (-100.0, -1.0)):
-    agent = sac(K, K, tau=tau, learning_rate=lr, target_entropy=target_entropy, batch_size=8)
-    state = _filled(agent, jax.random.PRNGKey(0), 8)
-    new = agent.update(state, state.buffer.data)
+  state = _filled(AGENT, jax.random.PRNGKey(0), 8)
+  np.testing.assert_allclose(np.exp(state.log_alpha), 0.2, rtol=1e-6)
+  # log pi is about -K (0.92 + 0.5) for sigma = 1, about +K * 18 for sigma = e^-20, so the
+  # entropy is above, then below, the target -50.
+  for log_std, direction in ((0.0, -1.0), (-20.0, 1.0)):
+    start = state._replace(actor=_pin_log_std(state.actor, log_std))
+    new = UPDATE(start, start.buffer.data, jnp.ones(8))
     # Polyak averaging of the freshly updated critics.
-    jax.tree.map(lambda t, c, t0: np.testing.assert_allclose(t, tau * c + (1 - tau) * t0,
+    jax.tree.map(lambda t, c, t0: np.testing.assert_allclose(t, TAU * c + (1 - TAU) * t0,
                                                              rtol=1e-5, atol=1e-7),
-                 new.target_critic, new.critic, state.target_critic)
+                 new.target_critic, new.critic, start.target_critic)
     # The first Adam step moves log alpha by lr against the sign of its gradient
     # -mean(log pi + target_entropy): up when the entropy is below target, else down.
-    np.testing.assert_allclose(new.log_alpha - state.log_alpha, direction * lr, rtol=1e-3)
-    np.testing.assert_allclose(np.exp(state.log_alpha), 0.2, rtol=1e-6)
+    np.testing.assert_allclose(new.log_alpha - start.log_alpha, direction * LR, rtol=1e-3)
     for name in ("actor", "critic"):
       moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
-                           getattr(new, name), getattr(state, name))
+                           getattr(new, name), getattr(start, name))
       assert max(jax.tree.leaves(moved)) > 0
-    assert not np.array_equal(new.key, state.key)
+    assert not np.array_equal(new.key, start.key)
 
 
 def test_masked_rows_are_ignored():
-  agent = sac(K, K, batch_size=8)
-  state = _filled(agent, jax.random.PRNGKey(0), 8)
+  state = _filled(AGENT, jax.random.PRNGKey(0), 8)
   batch = state.buffer.data
-  mask = jnp.arange(8) < 5
+  mask = (jnp.arange(8) < 5).astype(jnp.float32)
   garbage = jax.tree.map(lambda x: x.at[5:].set(1e3), batch)
-  a = agent.update(state, batch, mask)
-  b = agent.update(state, garbage, mask)
-  c = agent.update(state, garbage)
+  a = UPDATE(state, batch, mask)
+  b = UPDATE(state, garbage, mask)
+  c = UPDATE(state, garbage, jnp.ones(8))
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert not np.allclose(a.critic["params"]["Dense_0"]["kernel"],
                          c.critic["params"]["Dense_0"]["kernel"])
 
 
-def test_train_counts_updates_under_jit():
-  agent = sac(K, K, batch_size=8)
-  state = _filled(agent, jax.random.PRNGKey(0), 5)
-  train = jax.jit(agent.train)
-  for n in (0, 3):
-    out = train(state, jnp.int32(n), jnp.int32(4))
-    assert int(out.actor_opt[0].count) == n
-    assert int(out.alpha_opt[0].count) == n
-  jax.tree.map(np.testing.assert_array_equal, train(state, 0, 4), state)
+def test_bad_input():
+  state = _filled(AGENT, jax.random.PRNGKey(0), 5)
   with pytest.raises(ValueError, match="batch_size"):
-    agent.train(state, 1, 9)
+    AGENT.train(state, 1, 9)
   with pytest.raises(ValueError, match="state_dim"):
     sac(0, K)
 

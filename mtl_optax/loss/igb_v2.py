@@ -69,6 +69,13 @@ def igb_v2(
   `learning_rate`, `gamma`, `tau`, `init_temperature`, `target_entropy` (None: -K),
   `buffer_size` and `batch_size` configure the SAC agent (`mtl_optax.rl.sac`). Losses must be
   positive.
+
+  As in the reference, the first transition (step 2 steps_per_epoch) starts from the last step
+  of epoch 2 and its RLW weights. Differences: training is skipped while the buffer is empty
+  (possible only with update_e < 2; the reference would fail to sample); the update counts
+  use exact integer arithmetic and at least one row; the reference sets its reward scale once
+  per epoch (and its QM9 trainer, reading the current rate twice, always gets 1), ours is
+  schedule(0) / schedule(t) at every step.
   """
   check_positive_int(num_tasks, "igb_v2: num_tasks")
   check_positive_int(steps_per_epoch, "igb_v2: steps_per_epoch")
