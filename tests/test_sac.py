@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mtl_optax.rl import Transition, replay_add, replay_init, replay_sample, sac
-from mtl_optax.rl.sac import Actor, log_prob
+from mtl_optax.rl.sac import Actor, TwinCritic, log_prob
 
 K = 3
 
@@ -75,6 +75,8 @@ def test_action_and_log_prob_match_numpy():
   gauss = -0.5 * ((u - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)
   expected = (gauss - np.log(1 - np.tanh(u) ** 2)).sum(-1)
   np.testing.assert_allclose(log_prob(mean, log_std, u), expected, rtol=1e-4, atol=1e-4)
+  q1, q2 = TwinCritic().apply(state.critic, obs, action)  # two independent networks
+  assert q1.shape == (5,) and not np.allclose(q1, q2)
 
 
 # One agent and one compiled update shared by the tests below.

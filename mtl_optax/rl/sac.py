@@ -100,9 +100,8 @@ def log_prob(mean: jax.Array, log_std: jax.Array, u: jax.Array) -> jax.Array:
 
   Gaussian log-density minus sum_j log(1 - tanh(u_j)^2) = 2 (log 2 - u_j - softplus(-2 u_j)):
   the change of variables of a tanh squashing (Haarnoja et al. 2018, arXiv:1801.01290,
-  App. C, Eq. 21). The
-  action is a softmax, not a tanh, so this term is not its true Jacobian; we keep it because
-  the reference code (and thus the IGB paper's results) uses it.
+  App. C, Eq. 21). The action is a softmax, not a tanh, so this term is not its true
+  Jacobian; we keep it because the reference code (and thus the IGB paper's results) uses it.
   """
   gauss = jax.scipy.stats.norm.logpdf(u, mean, jnp.exp(log_std))
   tanh_correction = 2.0 * (np.log(2.0) - u - jax.nn.softplus(-2.0 * u))
