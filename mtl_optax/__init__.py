@@ -24,5 +24,7 @@ from mtl_optax.grad.moco import MoCoState, moco
 from mtl_optax.grad.pcgrad import PCGradState, pcgrad
 
 # -- IGBv2 (issue 4) --
+from mtl_optax.loss.igb_v2 import IGBv2State, igb_v2
+from mtl_optax.rl import SAC, SACState, sac
 
 __version__ = "0.1.0"
