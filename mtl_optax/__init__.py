@@ -10,6 +10,12 @@ from mtl_optax.loss.random import RLWState, rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
 
 # -- gradient balancers (issue 3) --
+# part A
+from mtl_optax.grad.cagrad import cagrad
+from mtl_optax.grad.imgrad import imgrad
+from mtl_optax.grad.mgda import mgda
+from mtl_optax.grad.nash_mtl import NashMTLState, nash_mtl
+from mtl_optax.grad.upgrad import upgrad
 
 # -- IGBv2 (issue 4) --
 
