@@ -122,7 +122,8 @@ def test_nash_fixed_point_matches_scipy_root(k, n, kind):
   alpha = np.asarray(alpha, np.float64)
   assert np.all(ok)
   np.testing.assert_allclose(alpha * (m @ alpha), 1.0, atol=1e-4)
-  ref = optimize.root(lambda a: a * (m @ a) - 1.0, alpha * 1.1, tol=1e-14).x
+  ref = optimize.least_squares(lambda a: a * (m @ a) - 1.0, 1.0 / np.sqrt(np.diag(m)),
+                               bounds=(1e-12, np.inf), xtol=1e-15, ftol=1e-15, gtol=1e-15).x
   np.testing.assert_allclose(alpha, ref, rtol=1e-3)
 
 
