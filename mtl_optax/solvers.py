@@ -62,12 +62,13 @@ def nonneg_qp(
     *_, it, done = carry
     return ~done & (it < max_iter)
 
-  init = (jnp.zeros_like(b), jnp.zeros((k,), bool), jnp.array(False), jnp.array(0), jnp.array(False))
+  false = jnp.array(False)
+  init = (jnp.zeros_like(b), jnp.zeros((k,), bool), false, jnp.array(0), false)
   return jax.lax.while_loop(cond, body, init)[0]
 
 
 def min_norm_weights(
-    m: jax.Array, *, ridge: float = 1e-7, max_iter: int = 100, tol: float = 1e-7
+    m: jax.Array, *, ridge: float = 1e-7, max_iter: int = 250, tol: float = 1e-7
 ) -> jax.Array:
   """MGDA: argmin_{w in simplex} w^T M w, the min-norm point of the rows' convex hull.
 
@@ -118,7 +119,8 @@ def simplex_minimize(
   def backtrack(y, fy, gy, lip):
     def step(lip):
       p = project(y - gy / lip)
-      return p, fun(p) > fy + gy @ (p - y) + 0.5 * lip * jnp.sum((p - y) ** 2) + 1e-12 * jnp.abs(fy)
+      bound = fy + gy @ (p - y) + 0.5 * lip * jnp.sum((p - y) ** 2)
+      return p, fun(p) > bound + 1e-12 * jnp.abs(fy)
 
     def cond(carry):
       lip, _, too_big, n = carry

@@ -82,7 +82,8 @@ def test_dual_cone_projection(k, n, kind):
   g = jacobian(k, n, kind, seed=5 * k + n)
   m = g @ g.T / np.trace(g @ g.T) + 1e-4 * np.eye(k)
   u = np.eye(k)
-  v = np.asarray(solvers.dual_cone_weights(jnp.asarray(m, jnp.float32), jnp.asarray(u, jnp.float32)))
+  v = solvers.dual_cone_weights(jnp.asarray(m, jnp.float32), jnp.asarray(u, jnp.float32))
+  v = np.asarray(v)
   for i in range(k):
     ref = optimize.minimize(lambda x: x @ m @ x, u[i], jac=lambda x: 2 * m @ x,
                             bounds=[(lo, None) for lo in u[i]], method="L-BFGS-B",

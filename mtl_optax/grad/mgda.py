@@ -36,7 +36,7 @@ def mgda(
     *,
     apply_to: str = "raw",
     scale_by_num_tasks: bool = False,
-    max_iter: int = 100,
+    max_iter: int = 250,
     tol: float = 1e-7,
     shared: tree_lib.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:

@@ -25,8 +25,8 @@ def upgrad(
   v found for u = e_i. As in torchjd: M is divided by its trace (set to 0 when the trace is
   below `norm_eps`, an absolute threshold), then `reg_eps * I` is added so the QP is strictly
   convex; each QP is solved exactly by an active-set method (`solvers.dual_cone_weights`).
-  The regularization allows g_i . d >= -reg_eps * trace(M) * max(v); with reg_eps = 0 and
-  independent rows, g_i . d >= 0 exactly. Task-specific leaves get the plain sum.
+  reg_eps must be > 0; it allows g_i . d >= -reg_eps * trace(M) * max(v) instead of
+  g_i . d >= 0. Task-specific leaves get the plain sum.
   """
   def weights(m, state, losses):
     del losses
