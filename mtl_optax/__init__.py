@@ -1,30 +1,35 @@
 """mtl_optax: multi-task loss and gradient balancers as optax transformations."""
 
-from mtl_optax.grad.base import aggregator, gram_aggregator, mean_tasks, sum_tasks
+# Stacked Jacobians and the single-backward path.
 from mtl_optax.jacobian import task_weights, value_and_jacrev, value_and_reweighted_grad
+
+# Loss balancers (reweighters): stacked -> stacked.
 from mtl_optax.loss.base import reweighter
 from mtl_optax.loss.dwa import DWAState, dwa
+from mtl_optax.loss.famo import FAMOState, famo
 from mtl_optax.loss.igb import BaseLoss, igb_v1
+from mtl_optax.loss.igb_v2 import IGBv2State, igb_v2
 from mtl_optax.loss.learned import LearnedScaleState, imtl_l, uw
 from mtl_optax.loss.random import RLWState, rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
 
-# -- FAMO --
-from mtl_optax.loss.famo import FAMOState, famo
-
-# -- gradient balancers (issue 3) --
-# part B
+# Gradient balancers (aggregators): stacked -> one gradient.
 from mtl_optax.grad.aligned_mtl import aligned_mtl
+from mtl_optax.grad.base import aggregator, gram_aggregator, mean_tasks, sum_tasks
+from mtl_optax.grad.cagrad import cagrad
 from mtl_optax.grad.db_mtl import DBMTLState, db_mtl
 from mtl_optax.grad.graddrop import GradDropState, graddrop
 from mtl_optax.grad.gradnorm import GradNormState, gradnorm
 from mtl_optax.grad.gradvac import GradVacState, gradvac
+from mtl_optax.grad.imgrad import imgrad
 from mtl_optax.grad.imtl import imtl, imtl_g
+from mtl_optax.grad.mgda import mgda
 from mtl_optax.grad.moco import MoCoState, moco
+from mtl_optax.grad.nash_mtl import NashMTLState, nash_mtl
 from mtl_optax.grad.pcgrad import PCGradState, pcgrad
+from mtl_optax.grad.upgrad import upgrad
 
-# -- IGBv2 (issue 4) --
-from mtl_optax.loss.igb_v2 import IGBv2State, igb_v2
+# The SAC agent behind IGBv2.
 from mtl_optax.rl import SAC, SACState, sac
 
 __version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""MGDA: the min-norm point of the convex hull of the task gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax import solvers
+from mtl_optax import tree as tree_lib
+from mtl_optax.grad.base import gram_aggregator
+from mtl_optax.loss.base import positive
+
+NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+APPLY_TO = ("raw", "normalized")
+
+
+def row_normalizers(m: jax.Array, losses: jax.Array | None, normalization: str) -> jax.Array:
+  """n_i of Sener & Koltun's code (`gradient_normalizers`): 1, ||g_i||, L_i or L_i ||g_i||.
+
+  Zero norms are replaced by 1 (the row is zero anyway), so the result is always finite.
+  """
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
+  norms = jnp.where(norms > 0, norms, 1.0)
+  ones = jnp.ones_like(norms)
+  return {
+      "none": lambda: ones,
+      "l2": lambda: norms,
+      "loss": lambda: positive(losses),
+      "loss+": lambda: positive(losses) * norms,
+  }[normalization]()
+
+
+def mgda(
+    normalization: str = "none",
+    *,
+    apply_to: str = "raw",
+    scale_by_num_tasks: bool = False,
+    max_iter: int = 250,
+    tol: float = 1e-7,
+    shared: tree_lib.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MGDA: d = sum_i w_i g_i, w = argmin_{w in simplex} ||sum_i w_i g_i / n_i||^2.
+
+  Sener & Koltun 2018 (Multi-Task Learning as Multi-Objective Optimization), Eq. 3; the
+  row normalizers n_i ('none' | 'l2' | 'loss' | 'loss+') are from their code (Sec. 3.2
+  mentions them only in passing). The min-norm problem is solved exactly (active set, see
+  `solvers.min_norm_weights`) instead of the reference's Frank-Wolfe/projected-gradient loop.
+
+  How w is applied differs between implementations; `apply_to='raw'` (default, the authors'
+  code: loss sum_i w_i L_i) gives d = sum_i w_i g_i, `apply_to='normalized'` (LibMTL) gives
+  d = sum_i w_i g_i / n_i, and `scale_by_num_tasks=True` (Nash-MTL's code) multiplies by K so
+  that the weights sum to K like the plain sum of losses. With no normalization the result
+  satisfies g_i . d >= ||d||^2 for every task. Task-specific leaves get the plain sum.
+  """
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"mgda: normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
+  if apply_to not in APPLY_TO:
+    raise ValueError(f"mgda: apply_to must be one of {APPLY_TO}, got {apply_to!r}.")
+  uses_losses = normalization in ("loss", "loss+")
+
+  def weights(m, state, losses):
+    n = row_normalizers(m, losses, normalization)
+    w = solvers.min_norm_weights(m / (n[:, None] * n[None, :]), max_iter=max_iter, tol=tol)
+    if apply_to == "normalized":
+      w = w / n
+    return (w * m.shape[0] if scale_by_num_tasks else w), state
+
+  return gram_aggregator("mgda", lambda params: optax.EmptyState(), weights, shared=shared,
+                         needs_losses=uses_losses, needs_positive=uses_losses)
