@@ -94,7 +94,7 @@ def jacobian_step(balancer: optax.GradientTransformation,
 def methods(steps_per_epoch: int) -> dict[str, tuple[str, optax.GradientTransformation]]:
   """Name -> (path, balancer): 'loss' runs single-backward, 'grad' on the Jacobian."""
   k = NUM_TASKS
-  found = {
+  return {
       "EW": ("loss", mtl_optax.equal_weights()),
       "SI (log losses)": ("loss", mtl_optax.log_losses()),
       "RLW": ("loss", mtl_optax.rlw(0)),
@@ -103,18 +103,17 @@ def methods(steps_per_epoch: int) -> dict[str, tuple[str, optax.GradientTransfor
       "GLS": ("loss", mtl_optax.gls()),
       "IMTL-L": ("loss", mtl_optax.imtl_l(k)),
       "IGBv1": ("loss", mtl_optax.igb_v1(k, steps_per_epoch)),
+      "IGBv2": ("loss", mtl_optax.igb_v2(k, steps_per_epoch, key=0)),
+      "MGDA": ("grad", mtl_optax.mgda(shared=SHARED)),
+      "PCGrad": ("grad", mtl_optax.pcgrad(0, shared=SHARED)),
+      "CAGrad": ("grad", mtl_optax.cagrad(shared=SHARED)),
+      "Nash-MTL": ("grad", mtl_optax.nash_mtl(k, shared=SHARED)),
+      "UPGrad": ("grad", mtl_optax.upgrad(shared=SHARED)),
+      "DB-MTL": ("grad", mtl_optax.db_mtl(k, shared=SHARED)),
+      "IMGrad": ("grad", mtl_optax.imgrad(shared=SHARED)),
+      "IGBv1 + Nash-MTL": ("grad", optax.chain(mtl_optax.igb_v1(k, steps_per_epoch),
+                                               mtl_optax.nash_mtl(k, shared=SHARED))),
   }
-  if hasattr(mtl_optax, "igb_v2"):
-    found["IGBv2"] = ("loss", mtl_optax.igb_v2(k, steps_per_epoch, key=0))
-  for name, factory in [("MGDA", "mgda"), ("PCGrad", "pcgrad"), ("CAGrad", "cagrad"),
-                        ("Nash-MTL", "nash_mtl"), ("DB-MTL", "db_mtl"), ("IMGrad", "imgrad")]:
-    if hasattr(mtl_optax, factory):
-      kwargs = {"key": 0} if factory == "pcgrad" else {}
-      found[name] = ("grad", getattr(mtl_optax, factory)(shared=SHARED, **kwargs))
-  if hasattr(mtl_optax, "nash_mtl"):
-    found["IGBv1 + Nash-MTL"] = ("grad", optax.chain(
-        mtl_optax.igb_v1(k, steps_per_epoch), mtl_optax.nash_mtl(shared=SHARED)))
-  return found
 
 
 def train(path: str, balancer: optax.GradientTransformation, steps: int, batch: int = 64,

@@ -87,10 +87,9 @@ def shared_zeros(params: Any, num_tasks: int, shared: tree_lib.MaskOrFn) -> Any:
 
   The initial state of balancers that keep per-task gradient buffers (EMAs).
   """
-  mask = tree_lib.resolve_mask(shared, params)
+  shared_params, _ = tree_lib.split(params, tree_lib.resolve_mask(shared, params))
   return jax.tree.map(
-      lambda m, p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)) if m else None,
-      mask, params)
+      lambda p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)), shared_params)
 
 
 def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransformationExtraArgs:
