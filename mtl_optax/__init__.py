@@ -13,4 +13,7 @@ from mtl_optax.loss.scale import equal_weights, gls, log_losses
 
 # -- IGBv2 (issue 4) --
 
+# -- metrics (issue 5) --
+from mtl_optax.metrics import delta_m
+
 __version__ = "0.1.0"
