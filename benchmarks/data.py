@@ -5,7 +5,8 @@
 - Yeast (PyPI `river`): 2,417 genes, 103 features, 14 binary labels.
 
 Nothing is downloaded at run time; a missing package raises `MissingDatasetError` that says what
-to install. Features are standardized with training statistics.
+to install. QM9 and Yeast features are standardized with training statistics; MultiFashion
+pixels lie in [0, 1].
 """
 
 from __future__ import annotations
@@ -260,39 +261,45 @@ def _resize_matrix(src: int, dst: int) -> np.ndarray:
   return m
 
 
-def overlay_pairs(images: np.ndarray, labels: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-  """MultiMNIST-style pairs (Sabour et al. 2017; Sener & Koltun 2018; Lin et al. 2019):
-  image i at the top left and a random partner at the bottom right of a 36 x 36 canvas
-  (overlap by pixel-wise max), resized to 28 x 28. Labels (left, right)."""
-  partner = rng.permutation(len(images))
-  canvas = np.zeros((len(images), CANVAS, CANVAS), np.float32)
-  canvas[:, :SIDE, :SIDE] = images / 255.0
-  canvas[:, SHIFT:, SHIFT:] = np.maximum(canvas[:, SHIFT:, SHIFT:], images[partner] / 255.0)
+def partners(n: int, rng: np.random.Generator) -> np.ndarray:
+  """Image i's partner: one random cycle through all n images, so none is paired with itself."""
+  order = rng.permutation(n)
+  partner = np.empty_like(order)
+  partner[order] = np.roll(order, -1)
+  return partner
+
+
+def overlay_pairs(images: np.ndarray, labels: np.ndarray, partner: np.ndarray,
+                  index: np.ndarray) -> Split:
+  """MultiMNIST-style pairs (Sabour et al. 2017; Sener & Koltun 2018; Lin et al. 2019) for the
+  images `index`: image i at the top left and `partner[i]` at the bottom right of a 36 x 36
+  canvas (overlap by pixel-wise max), resized to 28 x 28, pixels in [0, 1]. Labels (left,
+  right)."""
+  canvas = np.zeros((len(index), CANVAS, CANVAS), np.float32)
+  canvas[:, :SIDE, :SIDE] = images[index] / 255.0
+  canvas[:, SHIFT:, SHIFT:] = np.maximum(canvas[:, SHIFT:, SHIFT:], images[partner[index]] / 255.0)
   r = _resize_matrix(CANVAS, SIDE).astype(np.float32)
-  pairs = r @ canvas @ r.T
-  return pairs[..., None], np.stack([labels, labels[partner]], 1).astype(np.int32)
+  pairs = np.clip(r @ canvas @ r.T, 0.0, 1.0)
+  return Split(pairs[..., None], np.stack([labels[index], labels[partner[index]]], 1).astype(np.int32))
 
 
 def load_multifashion(max_train: int | None = None, max_eval: int | None = None,
                       num_val: int = 6_000) -> Dataset:
   """MultiFashion: 60k training pairs (the last `num_val` held out) and 10k test pairs;
-  `max_train`, `max_eval` as in `load_qm9`."""
+  `max_train`, `max_eval` as in `load_qm9` (only the kept pairs are built)."""
   x_all, y_all = (_read_idx(FASHION_DIR / f"train-{k}-idx{d}-ubyte.gz")
                   for k, d in (("images", 3), ("labels", 1)))
   x_test, y_test = (_read_idx(FASHION_DIR / f"t10k-{k}-idx{d}-ubyte.gz")
                     for k, d in (("images", 3), ("labels", 1)))
   rng = np.random.default_rng(SPLIT_SEED)
-  x, y = overlay_pairs(x_all, y_all, rng)
-  x_te, y_te = overlay_pairs(x_test, y_test, rng)
-  n_train = len(x) - num_val
-  mean, std = x[:n_train].mean(), x[:n_train].std()
-  norm = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+  p_all, p_test = partners(len(x_all), rng), partners(len(x_test), rng)
+  n_train = len(x_all) - num_val
+  index = np.arange(len(x_all))
   return Dataset(
       name="multifashion",
-      train=_first(Split(norm(x[:n_train]), y[:n_train]), max_train),
-      val=_first(Split(norm(x[n_train:]), y[n_train:]), max_eval),
-      test=_first(Split(norm(x_te), y_te), max_eval),
+      train=overlay_pairs(x_all, y_all, p_all, index[:n_train][:max_train]),
+      val=overlay_pairs(x_all, y_all, p_all, index[n_train:][:max_eval]),
+      test=overlay_pairs(x_test, y_test, p_test, np.arange(len(x_test))[:max_eval]),
       task_names=("left", "right"),
       kind="multiclass", num_outputs=10, metric="accuracy", higher_is_better=True,
       target_scale=np.ones(2, np.float32), source=f"Debian dataset-fashion-mnist ({FASHION_DIR})")
