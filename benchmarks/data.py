@@ -280,7 +280,8 @@ def overlay_pairs(images: np.ndarray, labels: np.ndarray, partner: np.ndarray,
   canvas[:, SHIFT:, SHIFT:] = np.maximum(canvas[:, SHIFT:, SHIFT:], images[partner[index]] / 255.0)
   r = _resize_matrix(CANVAS, SIDE).astype(np.float32)
   pairs = np.clip(r @ canvas @ r.T, 0.0, 1.0)
-  return Split(pairs[..., None], np.stack([labels[index], labels[partner[index]]], 1).astype(np.int32))
+  pair_labels = np.stack([labels[index], labels[partner[index]]], 1).astype(np.int32)
+  return Split(pairs[..., None], pair_labels)
 
 
 def load_multifashion(max_train: int | None = None, max_eval: int | None = None,
