@@ -1,0 +1,108 @@
+"""The benchmark's method registry: a name -> `(num_tasks, steps_per_epoch, key) -> Links`.
+
+A method is a chain of two links, a reweighter (loss balancer, stacked -> stacked) and an
+aggregator (gradient balancer, stacked -> one gradient). Methods without an aggregator reduce
+by the plain sum and run on the single-backward path (`mtl_optax.value_and_reweighted_grad`);
+the others run on the stacked Jacobian (`mtl_optax.value_and_jacrev`), their aggregator
+getting the `shared` mask of `benchmarks.models.shared_mask` (trunk shared, heads
+task-specific). Gradient balancers and IGBv2 register themselves once `mtl_optax` has them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+import mtl_optax
+from benchmarks.models import shared_mask
+
+Transform = optax.GradientTransformationExtraArgs
+
+
+class Links(NamedTuple):
+  reweighter: Transform | None  # None: no reweighting
+  aggregator: Transform | None  # None: the sum of rows, on the single-backward path
+
+
+Factory = Callable[[int, int, jax.Array], Links]
+
+
+def chain(links: Links) -> Transform:
+  """The method as one transformation of the stacked Jacobian: reweighter, then aggregator."""
+  parts = [links.reweighter, links.aggregator or mtl_optax.sum_tasks()]
+  return optax.chain(*[p for p in parts if p is not None])
+
+
+def _call(name: str, **available: Any) -> Transform:
+  """Calls `mtl_optax.<name>` with those of `available` that its signature names."""
+  fn = getattr(mtl_optax, name)
+  params = inspect.signature(fn).parameters
+  missing = [n for n, p in params.items()
+             if p.default is p.empty and n not in available
+             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+  if missing:
+    raise TypeError(f"mtl_optax.{name} needs {missing}: say how in benchmarks/methods.py.")
+  return fn(**{n: v for n, v in available.items() if n in params})
+
+
+def _aggregator(name: str, k: int, spe: int, key: jax.Array) -> Transform:
+  return _call(name, num_tasks=k, steps_per_epoch=spe, key=key, shared=shared_mask)
+
+
+LOSS_BALANCERS: dict[str, Factory] = {
+    "ew": lambda k, spe, key: Links(None, None),
+    "si": lambda k, spe, key: Links(mtl_optax.log_losses(), None),
+    "rlw": lambda k, spe, key: Links(mtl_optax.rlw(key), None),
+    "dwa": lambda k, spe, key: Links(mtl_optax.dwa(k, spe), None),
+    "uw": lambda k, spe, key: Links(mtl_optax.uw(k), None),
+    "gls": lambda k, spe, key: Links(mtl_optax.gls(), None),
+    "imtl_l": lambda k, spe, key: Links(mtl_optax.imtl_l(k), None),
+    "igb_v1": lambda k, spe, key: Links(mtl_optax.igb_v1(k, spe), None),
+}
+GRADIENT_BALANCERS = ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad",
+                      "graddrop", "gradvac", "gradnorm", "moco", "imtl", "db_mtl", "imgrad")
+# IGB Alg. 3: IGBv2's rows aggregated by a gradient balancer (the fusions its paper reports).
+IGB_V2_FUSIONS = ("mgda", "pcgrad", "nash_mtl")
+
+
+def _igb_v2(k: int, spe: int, key: jax.Array) -> Transform:
+  return mtl_optax.igb_v2(k, spe, key=key)
+
+
+def _gradient(name: str) -> Factory:
+  return lambda k, spe, key: Links(None, _aggregator(name, k, spe, key))
+
+
+def _fusion(name: str) -> Factory:
+  def make(k, spe, key):
+    k1, k2 = jax.random.split(key)
+    return Links(_igb_v2(k, spe, k1), _aggregator(name, k, spe, k2))
+  return make
+
+
+def registry() -> dict[str, Factory]:
+  """Every method that this `mtl_optax` provides, in the order of the result tables."""
+  methods = dict(LOSS_BALANCERS)
+  if hasattr(mtl_optax, "igb_v2"):
+    methods["igb_v2"] = lambda k, spe, key: Links(_igb_v2(k, spe, key), None)
+  methods.update({n: _gradient(n) for n in GRADIENT_BALANCERS if hasattr(mtl_optax, n)})
+  if hasattr(mtl_optax, "igb_v2"):
+    methods.update({f"igb_v2+{n}": _fusion(n) for n in IGB_V2_FUSIONS if hasattr(mtl_optax, n)})
+  return methods
+
+
+def select(names: str) -> dict[str, Factory]:
+  """`"all"` or a comma-separated list of registry names."""
+  methods = registry()
+  if names == "all":
+    return methods
+  chosen = [n.strip() for n in names.split(",") if n.strip()]
+  unknown = [n for n in chosen if n not in methods]
+  if unknown:
+    raise ValueError(f"Unknown or unavailable methods {unknown}; available: {list(methods)}.")
+  return {n: methods[n] for n in chosen}
+

@@ -1,0 +1,230 @@
+"""Smoke tests of the benchmark harness (tiny data, one epoch) and of the example scripts."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtl_optax
+from benchmarks import data, methods, models, run
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE = {
+    "qm9": importlib.util.find_spec("qm9pack") is not None,
+    "multifashion": (data.FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
+    "yeast": importlib.util.find_spec("river") is not None,
+}
+WHY = {"qm9": data.QM9_INSTALL, "multifashion": data.FASHION_INSTALL, "yeast": data.YEAST_INSTALL}
+
+
+def needs(name):
+  return pytest.mark.skipif(not HAVE[name], reason=f"{name} data not installed: {WHY[name]}")
+
+
+def load_example(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def rows(text):
+  """Method name -> the cells of its row in a Markdown table."""
+  out = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if line.startswith("| ") and cells[0] not in ("Method",):
+      out[cells[0]] = cells[1:]
+  return out
+
+
+def mean_of(cell):
+  return float(cell.split("±")[0])
+
+
+# -- harness ------------------------------------------------------------------------------------
+
+
+def test_registry_has_the_loss_balancers_and_grows_with_mtl_optax():
+  reg = methods.registry()
+  for name in ("ew", "si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1"):
+    assert reg[name](3, 10, jax.random.PRNGKey(0)).aggregator is None  # single-backward path
+  for name in methods.GRADIENT_BALANCERS:
+    assert (name in reg) == hasattr(mtl_optax, name)
+  assert list(methods.select("si, rlw")) == ["si", "rlw"]
+  with pytest.raises(ValueError, match="Unknown or unavailable"):
+    methods.select("si,not_a_method")
+
+
+def test_shared_mask_marks_the_trunk_only():
+  model = models.build("mlp", 3, 1, hidden=8, depth=2)
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 5)))
+  mask = models.shared_mask(params)["params"]
+  assert all(jax.tree.leaves(mask["trunk"]))
+  assert mask["head_kernel"] is False and mask["head_bias"] is False
+
+
+def synthetic(n=64, k=3):
+  """A small regression data set in the `Dataset` shape."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, 5)).astype(np.float32)
+  y = (x @ rng.normal(size=(5, k))).astype(np.float32)
+  split = data.Split(x, y)
+  return data.Dataset("synthetic", split, split, split, tuple("abc"[:k]), "regression", 1, "MAE",
+                      False, np.ones(k, np.float32), "test")
+
+
+def test_single_backward_and_jacobian_paths_train_alike():
+  ds, model = synthetic(), models.build("mlp", 3, 1, hidden=8, depth=1)
+  args = dict(seeds=2, epochs=2, batch_size=16, lr=1e-2, progress=False)
+  single, _ = run.train(ds, model, methods.registry()["si"], **args)
+  jac = lambda k, spe, key: methods.Links(mtl_optax.log_losses(), mtl_optax.sum_tasks())
+  stacked, _ = run.train(ds, model, jac, **args)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(stacked)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_balancers_see_only_the_trunk():
+  ds, model = synthetic(), models.build("mlp", 3, 1, hidden=8, depth=2)
+  seen = []
+
+  def aggregate(shared_rows, state, losses, params):
+    seen.append(jax.tree.map(lambda r: r is not None, shared_rows["params"],
+                             is_leaf=lambda r: r is None))
+    return jax.tree.map(lambda r: r.mean(0), shared_rows), None, state
+
+  def factory(k, spe, key):
+    agg = mtl_optax.aggregator("mean_trunk", lambda p: optax.EmptyState(), aggregate,
+                               shared=models.shared_mask)
+    return methods.Links(None, agg)
+
+  params, _ = run.train(ds, model, factory, seeds=2, epochs=1, batch_size=16, lr=1e-2,
+                        progress=False)
+  assert seen and all(jax.tree.leaves(seen[0]["trunk"]))
+  assert not seen[0]["head_kernel"] and not seen[0]["head_bias"]
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_stl_is_trained_on_one_task_per_run():
+  ds, model = synthetic(), models.build("mlp", 3, 1, hidden=8, depth=1)
+  params, _ = run.train(ds, model, methods.registry()["ew"], seeds=1, epochs=1, batch_size=16,
+                        lr=1e-2, task_weights=np.eye(3, dtype=np.float32), progress=False)
+  heads = np.asarray(params["params"]["head_kernel"])  # (run, task, hidden, 1), same init
+  for task in range(3):
+    others = [heads[r, task] for r in range(3) if r != task]
+    np.testing.assert_array_equal(others[0], others[1])  # untouched outside run `task`
+    assert not np.allclose(heads[task, task], others[0])  # trained in run `task`
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def test_descriptors_of_a_hydrogen_molecule():
+  r = 0.74  # Angstrom
+  elem = np.full((1, data.QM9_MAX_ATOMS), -1)
+  elem[0, :2] = 0
+  xyz = np.zeros((1, data.QM9_MAX_ATOMS, 3))
+  xyz[0, 1, 0] = r
+  d = data.qm9_descriptors(elem, xyz)[0]
+  np.testing.assert_allclose(d[:5], [2, 0, 0, 0, 0])
+  off = 1.0 / (r / 0.52917721)  # Z_i Z_j / r in bohr
+  np.testing.assert_allclose(d[5:7], [0.5 + off, 0.5 - off], rtol=1e-5)
+  np.testing.assert_allclose(d[7:34], 0.0)
+  hh = d[34:34 + 16]  # the first pair is (H, H)
+  np.testing.assert_allclose(hh, np.exp(-0.5 * ((r - data.QM9_BINS) / 0.25) ** 2), rtol=1e-5,
+                             atol=1e-12)
+  np.testing.assert_allclose(d[34 + 16:], 0.0)
+
+
+def test_missing_data_says_what_to_install(monkeypatch, tmp_path):
+  monkeypatch.setattr(data, "FASHION_DIR", tmp_path)
+  with pytest.raises(data.MissingDatasetError, match="dataset-fashion-mnist"):
+    data.load_multifashion()
+  with pytest.raises(data.MissingDatasetError, match="pip install qm9pack"):
+    data._package_dir("no_such_package_xyz", data.QM9_INSTALL)
+
+
+def test_overlay_places_the_pair_top_left_and_bottom_right():
+  images = np.zeros((2, 28, 28), np.uint8)
+  images[0, 0, 0] = 255     # a dot in the top-left corner of image 0
+  images[1, 27, 27] = 255   # and in the bottom-right corner of image 1
+  partner = data.partners(2, np.random.default_rng(0))
+  np.testing.assert_array_equal(partner, [1, 0])
+  x, y = data.overlay_pairs(images, np.array([3, 5]), partner, np.arange(2))
+  assert x.shape == (2, 28, 28, 1) and y.tolist() == [[3, 5], [5, 3]]
+  assert x[0, 0, 0, 0] > 0.5 and x[0, -1, -1, 0] > 0.5  # image 0 top left, image 1 bottom right
+  assert x[1, 0, 0, 0] == 0 and x[1, -1, -1, 0] == 0    # image 1 top left: dot lands mid-canvas
+  assert (data.partners(1000, np.random.default_rng(1)) != np.arange(1000)).all()
+
+
+@needs("qm9")
+def test_qm9_subset_is_standardized():
+  ds = data.load_qm9(limit=300)
+  assert ds.train.x.shape[1] == 274 and ds.train.y.shape[1] == 11 == len(ds.task_names)
+  np.testing.assert_allclose(ds.train.y.mean(0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(ds.train.y.std(0), 1.0, atol=1e-3)
+  assert (ds.target_scale > 0).all() and len(ds.val.x) == len(ds.test.x) == 300 // 13
+
+
+@needs("yeast")
+def test_yeast_split():
+  ds = data.load_yeast()
+  assert (len(ds.train.x), len(ds.val.x), len(ds.test.x)) == (1300, 200, 917)
+  assert ds.train.x.shape[1] == 103 and set(np.unique(ds.train.y)) == {0, 1}
+
+
+# -- benchmark smoke runs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs(n)) for n in data.LOADERS])
+def test_benchmark_smoke(name, tmp_path):
+  out = tmp_path / f"{name}.md"
+  results = run.main(["--dataset", name, "--methods", "si", "--smoke", "--seeds", "2",
+                      "--no-progress", "--out", str(out)])[name]
+  assert list(results) == ["stl", "ew", "si"]
+  for res in results.values():
+    assert res.metrics.shape == (2, len(rows(out.read_text())["ew"]) - 2)
+    assert np.isfinite(res.metrics).all() and res.seconds > 0
+  text = out.read_text()
+  assert "Command: `python benchmarks/run.py --dataset" in text
+  table = rows(text)
+  assert set(table) == {"stl", "ew", "si"}
+  assert abs(mean_of(table["stl"][-2])) < 1e-6  # Delta_m of the baseline itself
+  assert float(table["ew"][-1]) == 1.0          # T is relative to EW
+
+
+# -- examples -----------------------------------------------------------------------------------
+
+
+def test_toy_example_draws(tmp_path):
+  paths = load_example("toy").main(["--steps", "20", "--out", str(tmp_path / "toy.png")])
+  assert {"ew", "si", "igb_v1"} <= set(paths)
+  assert all(p.shape == (5, 21, 2) and np.isfinite(p).all() for p in paths.values())
+  assert (tmp_path / "toy.png").stat().st_size > 10_000
+
+
+def test_toy_objective_minima():
+  toy = load_example("toy")
+  f = np.asarray(toy.toy_losses(jnp.array([7.0, -8.3552])))
+  g = np.asarray(toy.toy_losses(jnp.array([-7.0, -8.3552])))
+  assert f[0] < g[0] and g[1] < f[1]  # task 1's minimum near (7, .), task 2's near (-7, .)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("single_backward", dict(epochs=3)),
+    ("masked_gradient_balancer", dict(steps=20)),
+    ("igb_nash_fusion", dict(epochs=3)),
+    ("vmap_seeds", dict(seeds=2, steps=10)),
+])
+def test_examples_run(name, kwargs):
+  out = np.asarray(load_example(name).main(**kwargs))
+  assert np.isfinite(out).all()
+
+
+def test_vmapped_seeds_differ():
+  final = np.asarray(load_example("vmap_seeds").main(seeds=2, steps=10))
+  assert final.shape == (2, 2) and not np.allclose(final[0], final[1])
