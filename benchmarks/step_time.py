@@ -1,7 +1,8 @@
 """Step time of every balancer, as ratios measured in one run on the quickstart's model.
 
 Each training step (forward, backward, balancer, Adam, apply) runs 50 times inside one
-compiled `lax.scan`, so Python dispatch is not timed. Methods are timed in interleaved rounds
+compiled `lax.scan`, so Python dispatch is not timed, from a state already trained for 100
+steps (10 epochs of 10 steps), so every balancer is past its warm-up epochs. Methods are timed in interleaved rounds
 and each reports its median; ratios are against a baseline timed in the same rounds:
   1. loss balancers on the single-backward path vs plain equal weighting (grad of sum L_i),
   2. the stacked-Jacobian path of each loss balancer vs its single-backward path,
@@ -27,30 +28,33 @@ import optax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
 
 import mtl_optax  # noqa: E402
 import quickstart  # noqa: E402
+from benchmarks import methods  # noqa: E402
 
 STEPS = 50
+WARMUP = 100  # 10 epochs of STEPS_PER_EPOCH
+STEPS_PER_EPOCH = 10
 BATCH = 256
 
 
-def loss_balancers(num_tasks: int, steps_per_epoch: int) -> dict[str, optax.GradientTransformation]:
-  return {
-      "EW (equal_weights)": mtl_optax.equal_weights(),
-      "SI (log_losses)": mtl_optax.log_losses(),
-      "RLW": mtl_optax.rlw(0),
-      "DWA": mtl_optax.dwa(num_tasks, steps_per_epoch),
-      "UW": mtl_optax.uw(num_tasks),
-      "GLS": mtl_optax.gls(),
-      "IMTL-L": mtl_optax.imtl_l(num_tasks),
-      "IGBv1": mtl_optax.igb_v1(num_tasks, steps_per_epoch),
-  }
+def _split_registry(num_tasks: int, steps_per_epoch: int):
+  """The benchmark registry's methods, split into loss balancers and the rest.
 
-
-def gradient_balancers(num_tasks: int, shared) -> dict[str, optax.GradientTransformation]:
-  del num_tasks, shared
-  return {}
+  Loss balancers (no aggregator) come back as reweighters for the single-backward path;
+  plain EW (no reweighter either) is the baseline and is left out. The others come back as
+  their whole chain, for the stacked path, with the trunk shared and the heads task-specific.
+  """
+  loss, grad = {}, {}
+  for name, factory in methods.registry().items():
+    links = factory(num_tasks, steps_per_epoch, jax.random.PRNGKey(0))
+    if links.aggregator is None and links.reweighter is not None:
+      loss[name] = links.reweighter
+    elif links.aggregator is not None:
+      grad[name] = methods.chain(links)
+  return loss, grad
 
 
 def _problem(num_tasks: int):
@@ -60,10 +64,16 @@ def _problem(num_tasks: int):
 
 
 def _compiled(step: Callable, carry) -> Callable[[], None]:
-  """A zero-argument callable running STEPS steps of `step` in one compiled scan."""
+  """A zero-argument callable running STEPS steps of `step` in one compiled scan.
+
+  The state is first advanced by WARMUP steps, so the timed window is steady-state training
+  (past every balancer's warm-up epochs; IGBv2 acts with its agent and trains it once).
+  """
   run = jax.jit(lambda c: jax.lax.scan(lambda c, _: (step(c), None), c, None, length=STEPS)[0])
   run = run.lower(carry).compile()
-  jax.block_until_ready(run(carry))
+  for _ in range(WARMUP // STEPS):
+    carry = run(carry)
+  jax.block_until_ready(carry)
   return lambda: jax.block_until_ready(run(carry))
 
 
@@ -127,8 +137,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
   return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def loss_balancer_tables(rounds: int, num_tasks: int = 3, steps_per_epoch: int = 10) -> str:
-  balancers = loss_balancers(num_tasks, steps_per_epoch)
+def loss_balancer_tables(rounds: int, num_tasks: int = 3) -> str:
+  balancers, _ = _split_registry(num_tasks, STEPS_PER_EPOCH)
   runs = {"plain EW": plain_ew(num_tasks)}
   for name, balancer in balancers.items():
     runs[name] = single_backward(num_tasks, balancer)
@@ -147,7 +157,7 @@ def gradient_balancer_table(rounds: int, task_counts: tuple[int, ...]) -> str:
   columns, results = [], {}
   for k in task_counts:
     runs = {"sum_tasks": stacked(k, mtl_optax.sum_tasks())}
-    for name, balancer in gradient_balancers(k, quickstart.SHARED).items():
+    for name, balancer in _split_registry(k, STEPS_PER_EPOCH)[1].items():
       runs[name] = stacked(k, balancer)
     t = median_times(runs, rounds)
     results[k] = t

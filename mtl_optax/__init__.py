@@ -32,7 +32,7 @@ from mtl_optax.grad.upgrad import upgrad
 # The SAC agent behind IGBv2.
 from mtl_optax.rl import SAC, SACState, sac
 
-# -- metrics (issue 5) --
+# Metrics of the benchmark tables.
 from mtl_optax.metrics import delta_m
 
 __version__ = "0.1.0"
