@@ -34,18 +34,9 @@ def shared(params):
 
 
 def fused() -> optax.GradientTransformationExtraArgs:
-  key = jax.random.PRNGKey(0)
-  if hasattr(mtl_optax, "igb_v2"):
-    igb = mtl_optax.igb_v2(NUM_TASKS, STEPS_PER_EPOCH, key=key)
-  else:
-    igb = mtl_optax.igb_v1(NUM_TASKS, STEPS_PER_EPOCH)
-  if hasattr(mtl_optax, "nash_mtl"):
-    aggregate = mtl_optax.nash_mtl(shared=shared)
-  else:
-    aggregate = mtl_optax.sum_tasks()
-  print(f"balancers: {'igb_v2' if hasattr(mtl_optax, 'igb_v2') else 'igb_v1'} + "
-        f"{'nash_mtl' if hasattr(mtl_optax, 'nash_mtl') else 'sum_tasks'}")
-  return optax.chain(igb, aggregate)
+  """IGB Alg. 3: IGBv2's loss weights first, then Nash-MTL on the shared trunk."""
+  return optax.chain(mtl_optax.igb_v2(NUM_TASKS, STEPS_PER_EPOCH, key=jax.random.PRNGKey(0)),
+                     mtl_optax.nash_mtl(NUM_TASKS, shared=shared))
 
 
 def main(epochs: int = 8) -> jax.Array:

@@ -34,14 +34,8 @@ def shared(params):
 
 
 def gradient_balancer() -> optax.GradientTransformationExtraArgs:
-  if hasattr(mtl_optax, "mgda"):
-    return mtl_optax.mgda(shared=shared)
-
-  def unit_norm(gram, state, losses):
-    del losses
-    return 1.0 / jnp.sqrt(jnp.maximum(jnp.diag(gram), 1e-12)), state
-  return mtl_optax.gram_aggregator("unit_norm", lambda params: optax.EmptyState(), unit_norm,
-                                   shared=shared)
+  """MGDA on the shared trunk; each head gets its own task's gradient."""
+  return mtl_optax.mgda(shared=shared)
 
 
 def main(steps: int = 300) -> jax.Array:

@@ -11,7 +11,6 @@ gradients; f_i > -20.5 everywhere). IGBv1 counts 1,000 steps as an epoch.
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
@@ -21,42 +20,27 @@ import numpy as np
 import optax
 
 import mtl_optax
+from mtl_optax.toy import TOY_STARTS, toy_losses
 
-STARTS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
-METHODS = ("ew", "si", "igb_v1", "mgda", "pcgrad", "cagrad", "nash_mtl", "imgrad", "db_mtl")
-SHIFT = 21.0
+SHIFT = 21.0  # f_i + SHIFT > 0, so the log-based methods see positive losses
 STEPS_PER_EPOCH = 1_000
-
-
-def toy_losses(x: jax.Array) -> jax.Array:
-  """(f1, f2) of the toy problem (Liu et al. 2021 (CAGrad), Sec. 5; Navon et al. 2022, Sec. 6)."""
-  x1, x2 = x[0], x[1]
-  eps = 5e-6
-  h1 = jnp.log(jnp.maximum(jnp.abs(0.5 * (-x1 - 7) - jnp.tanh(-x2)), eps)) + 6
-  h2 = jnp.log(jnp.maximum(jnp.abs(0.5 * (-x1 + 3) + jnp.tanh(-x2) + 2), eps)) + 6
-  c1, c2 = jnp.maximum(jnp.tanh(x2 / 2), 0), jnp.maximum(jnp.tanh(-x2 / 2), 0)
-  q1 = ((7 - x1) ** 2 + 0.1 * (x2 + 8) ** 2) / 10 - 20
-  q2 = ((x1 + 7) ** 2 + 0.1 * (x2 + 8) ** 2) / 10 - 20
-  return jnp.stack([c1 * h1 + c2 * q1, c1 * h2 + c2 * q2])
-
-
-def balancer(name: str, key: jax.Array) -> optax.GradientTransformationExtraArgs:
-  """The method as stacked gradients -> one gradient (every parameter shared)."""
-  if name == "ew":
-    return mtl_optax.sum_tasks()
-  if name == "si":
-    return optax.chain(mtl_optax.log_losses(), mtl_optax.sum_tasks())
-  if name == "igb_v1":
-    return optax.chain(mtl_optax.igb_v1(2, STEPS_PER_EPOCH), mtl_optax.sum_tasks())
-  factory = getattr(mtl_optax, name)
-  params = inspect.signature(factory).parameters
-  kwargs = {k: v for k, v in (("key", key), ("num_tasks", 2)) if k in params}
-  return factory(**kwargs)
+K = 2
+METHODS = {
+    "ew": lambda key: mtl_optax.sum_tasks(),
+    "si": lambda key: optax.chain(mtl_optax.log_losses(), mtl_optax.sum_tasks()),
+    "igb_v1": lambda key: optax.chain(mtl_optax.igb_v1(K, STEPS_PER_EPOCH), mtl_optax.sum_tasks()),
+    "mgda": lambda key: mtl_optax.mgda(),
+    "pcgrad": lambda key: mtl_optax.pcgrad(key),
+    "cagrad": lambda key: mtl_optax.cagrad(),
+    "nash_mtl": lambda key: mtl_optax.nash_mtl(K),
+    "imgrad": lambda key: mtl_optax.imgrad(),
+    "db_mtl": lambda key: mtl_optax.db_mtl(K),
+}
 
 
 def trajectories(name: str, steps: int) -> np.ndarray:
   """`(starts, steps + 1, 2)` paths of Adam (lr 1e-3) driven by the method."""
-  transform = optax.chain(balancer(name, jax.random.PRNGKey(0)), optax.adam(1e-3))
+  transform = optax.chain(METHODS[name](jax.random.PRNGKey(0)), optax.adam(1e-3))
   grad_fn = mtl_optax.value_and_jacrev(lambda x: toy_losses(x) + SHIFT)
 
   def run(x0):
@@ -69,7 +53,7 @@ def trajectories(name: str, steps: int) -> np.ndarray:
     _, path = jax.lax.scan(step, (x0, transform.init(x0)), None, length=steps)
     return jnp.concatenate([x0[None], path])
 
-  return np.asarray(jax.jit(jax.vmap(run))(jnp.asarray(STARTS)))
+  return np.asarray(jax.jit(jax.vmap(run))(jnp.asarray(TOY_STARTS)))
 
 
 def pareto_set(num: int = 101) -> np.ndarray:
@@ -115,9 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
   parser.add_argument("--steps", type=int, default=35_000)
   parser.add_argument("--out", type=Path, default=Path(__file__).with_name("toy.png"))
   args = parser.parse_args(argv)
-  names = [n for n in METHODS if n in ("ew", "si", "igb_v1") or hasattr(mtl_optax, n)]
   paths = {}
-  for name in names:
+  for name in METHODS:
     paths[name] = trajectories(name, args.steps)
     ends = ", ".join(f"({a:.2f}, {b:.2f})" for a, b in paths[name][:, -1])
     print(f"{name:>8}: ends at {ends}", file=sys.stderr)
