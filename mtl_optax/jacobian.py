@@ -15,7 +15,8 @@ def _vjp(fun, params, args, kwargs, has_aux, name):
   out = jax.vjp(lambda p: fun(p, *args, **kwargs), params, has_aux=has_aux)
   losses = out[0]
   if jnp.ndim(losses) != 1:
-    raise ValueError(f"{name}: fun must return a vector of K losses, got shape {jnp.shape(losses)}.")
+    raise ValueError(
+        f"{name}: fun must return a vector of K losses, got shape {jnp.shape(losses)}.")
   aux = out[2] if has_aux else None
   return losses, out[1], ((losses, aux) if has_aux else losses)
 

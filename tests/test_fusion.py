@@ -122,3 +122,31 @@ def test_prefix_mask_equals_full_mask(name):
     out, _ = tx.update(nested, tx.init(params), params, losses=jnp.array([1.0, 2.0, 0.5]))
     outs.append(out)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *outs)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_nearly_opposite_rows_stay_finite(name):
+  """g0 ~ 0 (the toy problem's valley floor): rounding must not reach a sqrt or log as NaN."""
+  rng = np.random.default_rng(1)
+  for scale in (1e-6, 1.0, 1e4):
+    g, e = rng.normal(size=(2, 5, 4)) * scale
+    for rows in ([g, -g, g], [g, -g * (1 + 1e-7), 1e-3 * g],
+                 [g + 1e-4 * e, -0.5 * g + 1e-4 * e, -0.5 * g - 1e-4 * e]):
+      jac = {"trunk": jnp.asarray(np.stack(rows), jnp.float32),
+             "heads": jnp.ones((K, 2), jnp.float32)}
+      params = jax.tree.map(lambda x: x[0], jac)
+      tx = AGGREGATORS[name](SHARED)
+      state = tx.init(params)
+      for _ in range(3):
+        out, state = jax.jit(tx.update)(jac, state, params, losses=jnp.array([1.0, 2.0, 0.5]))
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out)), (scale, out)
+
+
+@pytest.mark.parametrize("factory", [mtl_optax.cagrad, mtl_optax.imgrad])
+def test_toy_valley_floor_jacobian_stays_finite(factory):
+  """The Jacobian at which CAGrad once returned NaN on the toy problem (x ~ (0, -8.35))."""
+  jac = jnp.array([[-1.399382472038269, 0.00024215318262577057],
+                   [1.3992888927459717, 0.00024246424436569214]], jnp.float32)
+  tx = factory()
+  out, _ = tx.update(jac, tx.init(jnp.zeros(2)))
+  assert bool(jnp.all(jnp.isfinite(out)))

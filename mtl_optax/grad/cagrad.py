@@ -24,6 +24,11 @@ def unit_gram(m: jax.Array) -> jax.Array:
   return m / jnp.maximum(jnp.trace(m) / m.shape[0], 1e-30)
 
 
+def combined_norm(w: jax.Array, m: jax.Array) -> jax.Array:
+  """sqrt(w^T M w + 1e-8) = ||g_w|| as the reference codes smooth it (rounding kept >= 0)."""
+  return jnp.sqrt(jnp.maximum(w @ m @ w, 0.0) + 1e-8)
+
+
 def ball_weights(
     m: jax.Array, w: jax.Array, radius: jax.Array, c: float, rescale: int, scale_by_num_tasks: bool
 ) -> jax.Array:
@@ -63,9 +68,9 @@ def cagrad(
     del losses
     k = m.shape[0]
     m = unit_gram(m)
-    radius = c * jnp.sqrt(jnp.mean(m) + 1e-8) + 1e-8
+    radius = c * jnp.sqrt(jnp.maximum(jnp.mean(m), 0.0) + 1e-8) + 1e-8
     mean_row = jnp.mean(m, axis=1)
-    objective = lambda w: w @ mean_row + radius * jnp.sqrt(w @ m @ w + 1e-8)
+    objective = lambda w: w @ mean_row + radius * combined_norm(w, m)
     w = solvers.simplex_minimize(objective, jnp.full((k,), 1.0 / k, m.dtype),
                                  max_iter=max_iter, tol=tol)
     return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks), state

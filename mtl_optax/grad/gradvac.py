@@ -40,8 +40,9 @@ def gradvac_weights(gram: jax.Array, target: jax.Array, orders: jax.Array,
       pc_norm = jnp.sqrt(jnp.maximum(coef @ gram @ coef, 0.0))
       phi = jnp.clip(coef @ gram[:, j] / (pc_norm * norms[j] + _EPS), -1.0, 1.0)
       t = target_row[j]
-      sin_t = jnp.sqrt(1.0 - t**2)
-      step = pc_norm * (t * jnp.sqrt(1.0 - phi**2) - phi * sin_t) / (norms[j] * sin_t + _EPS)
+      sin_t = jnp.sqrt(jnp.maximum(1.0 - t**2, 0.0))
+      sin_phi = jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0))
+      step = pc_norm * (t * sin_phi - phi * sin_t) / (norms[j] * sin_t + _EPS)
       other = j != i
       coef = coef.at[j].add(jnp.where(other & (phi < t), step, 0.0))
       target_row = target_row.at[j].set(jnp.where(other, (1.0 - beta) * t + beta * phi, t))

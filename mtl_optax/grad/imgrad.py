@@ -8,7 +8,7 @@ import optax
 from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
-from mtl_optax.grad.cagrad import ball_weights, check_rescale, unit_gram
+from mtl_optax.grad.cagrad import ball_weights, check_rescale, combined_norm, unit_gram
 
 FORMS = ("reference", "paper_eq11", "paper_eq9")
 
@@ -50,12 +50,12 @@ def imgrad(
     w_m = solvers.min_norm_weights(m)
     gm_norm = jnp.sqrt(jnp.maximum(w_m @ m @ w_m, 0.0))
     cos = (w_m @ mean_row) / jnp.maximum(jnp.sqrt(jnp.maximum(g0_sq, 0.0)) * gm_norm, 1e-8)
-    radius = c * jnp.sqrt(g0_sq + 1e-8) + 1e-8
+    radius = c * jnp.sqrt(jnp.maximum(g0_sq, 0.0) + 1e-8) + 1e-8
     objectives = {
         "reference": lambda w: ((1.5 - cos) * (w @ mean_row)
-                                + cos * radius * jnp.sqrt(w @ m @ w + 1e-8)),
+                                + cos * radius * combined_norm(w, m)),
         "paper_eq11": lambda w: (1.0 - cos) * (w @ mean_row) + cos * radius * (w @ m @ w),
-        "paper_eq9": lambda w: ((1.0 - cos) * (w @ mean_row + radius * jnp.sqrt(w @ m @ w + 1e-8))
+        "paper_eq9": lambda w: ((1.0 - cos) * (w @ mean_row + radius * combined_norm(w, m))
                                 + cos * (w @ m @ w)),
     }
     w = solvers.simplex_minimize(objectives[form], jnp.full((k,), 1.0 / k, m.dtype),
