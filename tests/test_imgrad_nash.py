@@ -109,6 +109,7 @@ def test_nash_lp_matches_scipy_slsqp(k, cos):
 # -- (b, c) the CCP sequence --
 
 CCP3 = jax.jit(partial(solvers.imbalance_nash_weights, max_iter=3, tol=0.0))
+CCP_LONG = jax.jit(partial(solvers.imbalance_nash_weights, max_iter=100, tol=1e-6))
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
@@ -133,20 +134,20 @@ def test_ccp_end_points(k):
   m = g @ g.T
   ones = f32(np.ones(k))
   # cos = 1: minimizing phi >= 0 on Nash's set reaches phi = 0, the Nash fixed point.
-  alpha, ok = solvers.imbalance_nash_weights(f32(m), f32(1.0), ones, max_iter=100, tol=1e-6)
+  alpha, ok = CCP_LONG(f32(m), f32(1.0), ones)
   np.testing.assert_allclose(alpha, np_nash(m), rtol=2e-3)
   # cos = 0: the cost sum_i (M a)_i does not depend on the start; one LP is the answer.
   norm = np.linalg.norm(m)
   ref = np_lp(m / norm, m.sum(0) / norm, 2.0 * np_nash(m / norm)) / np.sqrt(norm)
-  alpha, ok = solvers.imbalance_nash_weights(f32(m), f32(0.0), ones)
+  alpha, ok = CCP_LONG(f32(m), f32(0.0), ones)
   assert np.all(ok)
-  np.testing.assert_allclose(alpha, ref, rtol=1e-3)
+  np.testing.assert_allclose(alpha, ref, rtol=3e-3)  # float32 on a nearly flat LP, as above
 
 
 def test_ccp_failures_are_flagged_and_finite():
   opp = np.array([[1.0, 2.0], [-1.0, -2.0]])  # Nash's set is empty
   for m in (opp @ opp.T, np.zeros((3, 3)), np.full((2, 2), np.nan)):
-    alpha, ok = solvers.imbalance_nash_weights(f32(m), f32(0.5), f32(np.ones(len(m))))
+    alpha, ok = CCP3(f32(m), f32(0.5), f32(np.ones(len(m))))
     assert not np.any(ok) and np.all(np.asarray(alpha) == 1.0)
 
 
@@ -179,6 +180,7 @@ def np_cos(g):
 
 
 FOUR_STEPS = mtl_optax.imgrad_nash(3, optim_niter=4, tol=0.0, max_norm=0.0)
+DEFAULT = mtl_optax.imgrad_nash(3)
 
 
 def test_imgrad_nash_matches_scipy():
@@ -198,7 +200,7 @@ def test_imgrad_nash_matches_scipy():
 
 
 def test_zero_gradients_single_task_and_infeasible_are_finite():
-  d, state = apply(mtl_optax.imgrad_nash(3), np.zeros((3, N)))
+  d, state = apply(DEFAULT, np.zeros((3, N)))
   assert np.all(d == 0) and np.all(np.asarray(state.alpha) == 1.0)
   g = jacobian(1, seed=3)
   d, state = apply(mtl_optax.imgrad_nash(1, max_norm=0.0), g)
@@ -233,11 +235,11 @@ def test_update_every_mask_and_vmap():
   # Task-specific leaves ("b") get sum_i alpha_i row_i, alpha from the shared leaf only.
   tx = mtl_optax.imgrad_nash(3, shared={"a": True, "b": False})
   out, state = jax.jit(tx.update)(as_tree(g1), tx.init(None))
-  _, shared_only = apply(mtl_optax.imgrad_nash(3), np.concatenate([g1[:, :6], 0 * g1[:, 6:]], 1))
+  _, shared_only = apply(DEFAULT, np.concatenate([g1[:, :6], 0 * g1[:, 6:]], 1))
   np.testing.assert_allclose(state.alpha, shared_only.alpha, rtol=1e-5)
   np.testing.assert_allclose(out["b"], np.asarray(state.alpha) @ g1[:, 6:], rtol=1e-5, atol=1e-6)
   # vmap over a batch of Jacobians (and of states) matches one at a time.
-  tx = mtl_optax.imgrad_nash(3)
+  tx = DEFAULT
   gs = np.stack([jacobian(3, seed=s) for s in range(3)])
   trees = jax.tree.map(lambda x: x.reshape((3, 3) + x.shape[1:]), as_tree(gs.reshape(-1, N)))
   states = jax.vmap(tx.init)(jnp.zeros(3))
