@@ -213,9 +213,8 @@ def nash_lp(
   interior point (Boyd & Vandenberghe 2004, Sec. 11.3): damped Newton with Armijo backtracking
   on t c^T x - sum_i log(log x_i + log (M x)_i) (convex: -log of a positive concave function),
   t from 1 / (c^T x0) up by `mu` until the duality-gap bound K / t is below `gap_tol` * c^T x0;
-  each centring stops at Newton decrement^2 < 1e-12, when no step decreases the barrier (the
-  float32 floor: there the gap reached is about 1e-6, not 1e-7),
-  or after `newton_iter` steps. `x0` must be strictly feasible; the iterates stay strictly
+  each centring stops at Newton decrement^2 < 1e-12, when no step decreases the barrier (in
+  float32, rounding ends it early on nearly flat problems), or after `newton_iter` steps. `x0` must be strictly feasible; the iterates stay strictly
   feasible, so a stalled solve returns a feasible point (and a failed one gives x0). Solved
   in y = D^-1 x, D = diag(M)^-1/2: the same set for the unit-diagonal D M D (y_i (D M D y)_i =
   x_i (M x)_i), so rows of wildly different norms do not ill-condition the Newton systems.
