@@ -64,7 +64,8 @@ LOSS_BALANCERS: dict[str, Factory] = {
     "igb_v1": lambda k, spe, key: Links(mtl_optax.igb_v1(k, spe), None),
 }
 GRADIENT_BALANCERS = ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad",
-                      "graddrop", "gradvac", "gradnorm", "moco", "imtl", "db_mtl", "imgrad")
+                      "graddrop", "gradvac", "gradnorm", "moco", "imtl", "db_mtl", "imgrad",
+                      "imgrad_nash")
 # IGB Alg. 3: IGBv2's rows aggregated by a gradient balancer (the fusions its paper reports).
 IGB_V2_FUSIONS = ("mgda", "pcgrad", "nash_mtl")
 

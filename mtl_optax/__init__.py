@@ -21,7 +21,7 @@ from mtl_optax.grad.db_mtl import DBMTLState, db_mtl
 from mtl_optax.grad.graddrop import GradDropState, graddrop
 from mtl_optax.grad.gradnorm import GradNormState, gradnorm
 from mtl_optax.grad.gradvac import GradVacState, gradvac
-from mtl_optax.grad.imgrad import imgrad
+from mtl_optax.grad.imgrad import imgrad, imgrad_nash
 from mtl_optax.grad.imtl import imtl, imtl_g
 from mtl_optax.grad.mgda import mgda
 from mtl_optax.grad.moco import MoCoState, moco

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 _TINY = 1e-30
@@ -194,3 +195,123 @@ def nash_weights(
   converged = jnp.all(jnp.isfinite(b)) & jnp.all(b > 0) & (jnp.max(residual) < tol)
   ok = active & converged
   return jnp.where(ok, b * inv, 1.0), ok
+
+
+def nash_lp(
+    m: jax.Array,
+    c: jax.Array,
+    x0: jax.Array,
+    *,
+    gap_tol: float = 1e-7,
+    mu: float = 10.0,
+    newton_iter: int = 30,
+) -> jax.Array:
+  """argmin c^T x over the convex set {x > 0 : log x_i + log (M x)_i >= 0 for all i}.
+
+  One convex step of Nash-MTL's CCP (Navon et al. 2022, Sec. 3.3); for c > 0 on the set's
+  recession directions (as in `imbalance_nash_weights`) the minimum is attained. Log-barrier
+  interior point (Boyd & Vandenberghe 2004, Sec. 11.3): damped Newton with Armijo backtracking
+  on t c^T x - sum_i log(log x_i + log (M x)_i) (convex: -log of a positive concave function),
+  t from 1 / (c^T x0) up by `mu` until the duality-gap bound K / t is below `gap_tol` * c^T x0;
+  each centring stops at Newton decrement^2 < 1e-12, when no step decreases the barrier (in
+  float32, rounding ends it early on nearly flat problems), or after `newton_iter` steps. `x0` must be strictly feasible; the iterates stay strictly
+  feasible, so a stalled solve returns a feasible point (and a failed one gives x0). Solved
+  in y = D^-1 x, D = diag(M)^-1/2: the same set for the unit-diagonal D M D (y_i (D M D y)_i =
+  x_i (M x)_i), so rows of wildly different norms do not ill-condition the Newton systems.
+  """
+  k = c.shape[0]
+  stages = max(1, int(np.ceil(np.log(k / gap_tol) / np.log(mu))) + 1)
+  d = 1.0 / jnp.sqrt(jnp.maximum(jnp.diag(m), _TINY))
+  x0, c, m = x0 / d, c * d, d[:, None] * m * d[None, :]
+
+  def slack(x):
+    mx = m @ x
+    value = jnp.log(jnp.where(x > 0, x, 1.0)) + jnp.log(jnp.where(mx > 0, mx, 1.0))
+    return value, jnp.all(x > 0) & jnp.all(mx > 0) & jnp.all(value > 0)
+
+  barrier = lambda x, t: t * (c @ x) - jnp.sum(jnp.log(slack(x)[0]))
+  grad, hess = jax.grad(barrier), jax.hessian(barrier)
+
+  def centre(x, t):
+    def body(carry):
+      x, it, _ = carry
+      g = grad(x, t)
+      dx = -jnp.linalg.solve(hess(x, t), g)
+      slope = g @ dx
+      old = slack(x)[0]
+
+      def increase(s):  # barrier(x + s dx) - barrier(x), without cancelling large terms
+        new, inside = slack(x + s * dx)
+        ratio = jnp.where(inside, new / old, 1.0)
+        return jnp.where(inside, t * s * (c @ dx) - jnp.sum(jnp.log(ratio)), jnp.inf)
+
+      too_long = lambda cr: (increase(cr[0]) > 0.25 * cr[0] * slope) & (cr[1] < 50)
+      s, _ = jax.lax.while_loop(too_long, lambda cr: (0.5 * cr[0], cr[1] + 1), (1.0, 0))
+      good = (increase(s) < 0) & (slope < 0) & jnp.all(jnp.isfinite(dx))
+      done = ~good | (-slope < 1e-12)
+      return jnp.where(good, x + s * dx, x), it + 1, done
+
+    cond = lambda carry: ~carry[2] & (carry[1] < newton_iter)
+    return jax.lax.while_loop(cond, body, (x, 0, jnp.array(False)))[0]
+
+  t0 = 1.0 / jnp.maximum(jnp.abs(c @ x0), _TINY)
+  x = jax.lax.fori_loop(0, stages, lambda s, x: centre(x, t0 * mu**s), x0)
+  return d * jnp.where(jnp.all(jnp.isfinite(x)), x, x0)
+
+
+def imbalance_nash_weights(
+    m: jax.Array,
+    cos: jax.Array,
+    alpha0: jax.Array,
+    *,
+    max_iter: int = 20,
+    tol: float = 1e-5,
+    feas_tol: float = 1e-3,
+) -> tuple[jax.Array, jax.Array]:
+  """IMGrad's Nash-MTL variant: CCP for (1 - cos) sum_i beta_i(a) + cos phi(a) on Nash's set.
+
+  Zhou et al. 2025, Eq. 13, on Nash-MTL's CCP (Navon et al. 2022, Sec. 3.3 and the reference
+  AvivNavon/nash-mtl): beta_i(a) = (M a)_i, phi(a) = sum_i log a_i + log (M a)_i (concave,
+  linearized at the previous iterate p: phi_tag = 1 / p + M (1 / (M p))), constraints
+  phi_i(a) >= 0, i.e. a_i (M a)_i >= 1. Each step is `nash_lp` with
+  c = (1 - cos) M 1 + cos phi_tag, from the strictly feasible 2 * (Nash fixed point).
+  Scale-free: solved on M / ||M||_F (the reference's normalization) with the constraint on that
+  scale, and mapped back by 1 / sqrt(||M||_F), so a_i (M a)_i >= 1 holds on M itself.
+
+  The CCP starts at `alpha0` (the previous weights) where a > 0 and M a > 0, else at the Nash
+  fixed point, and stops when an iterate moves by less than `tol` (relative max norm) or after
+  `max_iter` steps. Tasks with a zero row are left out (decoupled). Returns `(alpha, ok)`:
+  `ok[i]` is true where task i has a nonzero row, the set is nonempty (`nash_weights`
+  converged), and the answer is finite with min_i log a_i (M a)_i >= -feas_tol; elsewhere 1.
+  """
+  k = m.shape[0]
+  norm = jnp.maximum(jnp.sqrt(jnp.sum(m * m)), _TINY)
+  root = jnp.sqrt(norm)
+  nash, nash_ok = nash_weights(m / norm)
+  active = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0)) > 1e-12 * jnp.sqrt(_scale(m))
+  both = active[:, None] & active[None, :]
+  mn = jnp.where(both, m / norm, jnp.eye(k, dtype=m.dtype))
+  feasible = jnp.all(nash_ok | ~active)
+  x_feas = 2.0 * nash
+
+  p0 = alpha0.astype(m.dtype) * root
+  start_ok = jnp.all(jnp.isfinite(p0)) & jnp.all(p0 > 0) & jnp.all(mn @ p0 > 0)
+  p0 = jnp.where(start_ok, p0, nash)
+
+  def body(carry):
+    p, it, _ = carry
+    c = (1.0 - cos) * jnp.sum(mn, axis=0) + cos * (1.0 / p + mn @ (1.0 / (mn @ p)))
+    x = nash_lp(mn, c, x_feas)
+    good = jnp.all(jnp.isfinite(x))
+    x = jnp.where(good, x, p)
+    done = ~good | (jnp.max(jnp.abs(x - p)) <= tol * jnp.max(jnp.abs(x)))
+    return x, it + 1, done
+
+  cond = lambda carry: ~carry[2] & (carry[1] < max_iter)
+  x = jax.lax.while_loop(cond, body, (p0, 0, ~feasible))[0]
+  mx = mn @ x
+  slack = jnp.log(jnp.where(x > 0, x, 1.0)) + jnp.log(jnp.where(mx > 0, mx, 1.0))
+  converged = (feasible & jnp.all(jnp.isfinite(x)) & jnp.all(x > 0) & jnp.all(mx > 0)
+               & (jnp.min(slack) >= -feas_tol))
+  ok = active & converged
+  return jnp.where(ok, x / root, 1.0), ok

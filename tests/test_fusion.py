@@ -30,10 +30,11 @@ AGGREGATORS = {
     "imtl": lambda shared: mtl_optax.imtl(K, shared=shared),
     "db_mtl": lambda shared: mtl_optax.db_mtl(K, log_transform=False, shared=shared),
     "imgrad": lambda shared: mtl_optax.imgrad(shared=shared),
+    "imgrad_nash": lambda shared: mtl_optax.imgrad_nash(K, shared=shared),
 }
-# Task-specific leaves get a weighted sum: Nash-MTL's alpha, GradNorm's w, and IMTL's own
+# Task-specific leaves get a weighted sum: Nash-MTL's (and IMGrad-Nash's) alpha, GradNorm's w, and IMTL's own
 # IMTL-L scalings exp(s_i) (it is a loss balancer chained before IMTL-G).
-WEIGHTED_HEADS = {"nash_mtl", "gradnorm", "imtl"}
+WEIGHTED_HEADS = {"nash_mtl", "imgrad_nash", "gradnorm", "imtl"}
 
 
 def igb_v1_scalings(losses: np.ndarray) -> np.ndarray:

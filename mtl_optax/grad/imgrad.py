@@ -1,7 +1,8 @@
-"""IMGrad: CAGrad made sensitive to task imbalance through the MGDA direction."""
+"""IMGrad: CAGrad (or Nash-MTL) made sensitive to task imbalance through the MGDA direction."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -9,8 +10,22 @@ from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
 from mtl_optax.grad.cagrad import ball_weights, check_rescale, combined_norm, unit_gram
+from mtl_optax.grad.nash_mtl import nash_aggregator
 
 FORMS = ("reference", "paper_eq11", "paper_eq9")
+
+
+def imbalance_cos(m: jax.Array) -> jax.Array:
+  """cos(g0, g_m) in [0, 1] from the Gram matrix: g0 the mean row, g_m the MGDA min-norm point.
+
+  Zhou et al. 2025 (IMGrad, Sec. 3): the imbalance measure that weights the two objectives.
+  g0 . g_m >= ||g_m||^2 >= 0, so it is never negative; 0 when g_m = 0 (or all rows are zero).
+  """
+  m = unit_gram(m)
+  w_m = solvers.min_norm_weights(m)
+  gm_norm = jnp.sqrt(jnp.maximum(w_m @ m @ w_m, 0.0))
+  g0_norm = jnp.sqrt(jnp.maximum(jnp.mean(m), 0.0))
+  return (w_m @ jnp.mean(m, axis=1)) / jnp.maximum(g0_norm * gm_norm, 1e-8)
 
 
 def imgrad(
@@ -34,7 +49,7 @@ def imgrad(
   Then d = g0 + sqrt(phi) / (||g_w|| + 1e-8) g_w, rescaled as in `cagrad` (rescale 1:
   d / (1 + c^2), then times K as the reference does). c = 0.8 is the reference's NYUv2 script.
   All terms are computed on M / (trace/K), which also fixes the scale of the paper forms (they
-  mix g^2 and g^3 terms). The Nash-MTL variant (Eq. 13) is not implemented. Task-specific
+  mix g^2 and g^3 terms). The Nash-MTL variant (Eq. 13) is `imgrad_nash`. Task-specific
   leaves get the plain sum.
   """
   if form not in FORMS:
@@ -47,9 +62,7 @@ def imgrad(
     m = unit_gram(m)
     mean_row = jnp.mean(m, axis=1)
     g0_sq = jnp.mean(m)
-    w_m = solvers.min_norm_weights(m)
-    gm_norm = jnp.sqrt(jnp.maximum(w_m @ m @ w_m, 0.0))
-    cos = (w_m @ mean_row) / jnp.maximum(jnp.sqrt(jnp.maximum(g0_sq, 0.0)) * gm_norm, 1e-8)
+    cos = imbalance_cos(m)
     radius = c * jnp.sqrt(jnp.maximum(g0_sq, 0.0) + 1e-8) + 1e-8
     objectives = {
         "reference": lambda w: ((1.5 - cos) * (w @ mean_row)
@@ -63,3 +76,32 @@ def imgrad(
     return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks), state
 
   return gram_aggregator("imgrad", lambda params: optax.EmptyState(), weights, shared=shared)
+
+
+def imgrad_nash(
+    num_tasks: int,
+    *,
+    update_weights_every: int = 1,
+    optim_niter: int = 20,
+    max_norm: float = 1.0,
+    tol: float = 1e-5,
+    shared: tree_lib.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """IMGrad's Nash-MTL variant: d = sum_i alpha_i g_i, alpha from Nash's CCP with cos weights.
+
+  Zhou et al. 2025, Eq. 13 (no released code): each CCP step minimizes
+  (1 - cos) sum_i g_i^T G alpha + cos phi_lin(alpha) subject to alpha_i (M alpha)_i >= 1, with
+  cos = cos(g0, g_m) (`imbalance_cos`) and phi_lin Nash-MTL's linearized concave term
+  (`solvers.imbalance_nash_weights`, log-barrier instead of cvxpy; scale-free, on M / ||M||_F).
+  cos = 1 leads to Nash-MTL's fixed point; cos = 0 minimizes sum_i g_i . d on Nash's set.
+  As `nash_mtl`: up to `optim_niter` CCP steps from the previous alpha (stop at relative change
+  < `tol`), the previous alpha kept on failure (per task for zero rows), weights recomputed
+  every `update_weights_every` steps, the shared part clipped to global norm `max_norm`
+  (<= 0: none), and task-specific leaves get sum_i alpha_i row_i (unclipped).
+  """
+  def solve(m, prev):
+    return solvers.imbalance_nash_weights(m, imbalance_cos(m), prev, max_iter=optim_niter,
+                                          tol=tol)
+  return nash_aggregator("imgrad_nash", num_tasks, solve,
+                         update_weights_every=update_weights_every, optim_niter=optim_niter,
+                         max_norm=max_norm, shared=shared)

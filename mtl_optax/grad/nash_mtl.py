@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -40,9 +41,32 @@ def nash_mtl(
   global norm `max_norm` (<= 0: no clipping), weights are recomputed every
   `update_weights_every` steps, and task-specific leaves get sum_i alpha_i row_i (unclipped).
   """
-  check_positive_int(num_tasks, "nash_mtl: num_tasks")
-  check_positive_int(update_weights_every, "nash_mtl: update_weights_every")
-  check_positive_int(optim_niter, "nash_mtl: optim_niter")
+  return nash_aggregator(
+      "nash_mtl", num_tasks,
+      lambda m, prev: solvers.nash_weights(m, max_iter=optim_niter, tol=tol),
+      update_weights_every=update_weights_every, optim_niter=optim_niter, max_norm=max_norm,
+      shared=shared)
+
+
+def nash_aggregator(
+    name: str,
+    num_tasks: int,
+    solve: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    *,
+    update_weights_every: int,
+    optim_niter: int,
+    max_norm: float,
+    shared: tree_lib.MaskOrFn,
+) -> optax.GradientTransformationExtraArgs:
+  """d = sum_i alpha_i g_i with alpha = solve(M, previous alpha) -> (alpha, ok per task).
+
+  The machinery Nash-MTL and its variants share: alpha recomputed every
+  `update_weights_every` steps and kept where `ok` is false, the shared part of d clipped to
+  global norm `max_norm` (<= 0: none), task-specific leaves get sum_i alpha_i row_i.
+  """
+  check_positive_int(num_tasks, f"{name}: num_tasks")
+  check_positive_int(update_weights_every, f"{name}: update_weights_every")
+  check_positive_int(optim_niter, f"{name}: optim_niter")
 
   def init(params):
     del params
@@ -51,11 +75,11 @@ def nash_mtl(
   def aggregate(rows, state, losses, params):
     del losses, params
 
-    def solve(prev):
-      alpha, ok = solvers.nash_weights(tree_lib.gram(rows), max_iter=optim_niter, tol=tol)
-      return jnp.where(ok, alpha, prev)
+    def update_alpha(prev):
+      alpha, ok = solve(tree_lib.gram(rows), prev)
+      return jnp.where(ok, alpha, prev).astype(prev.dtype)
 
-    alpha = jax.lax.cond(state.step % update_weights_every == 0, solve, lambda prev: prev,
+    alpha = jax.lax.cond(state.step % update_weights_every == 0, update_alpha, lambda prev: prev,
                          state.alpha)
     out = tree_lib.combine(alpha, rows)
     if max_norm > 0:
@@ -63,4 +87,4 @@ def nash_mtl(
       out = jax.tree.map(lambda x: x * factor.astype(x.dtype), out)
     return out, alpha, NashMTLState(state.step + 1, alpha)
 
-  return aggregator("nash_mtl", init, aggregate, shared=shared, num_tasks=num_tasks)
+  return aggregator(name, init, aggregate, shared=shared, num_tasks=num_tasks)
