@@ -91,6 +91,10 @@ def registry() -> dict[str, Factory]:
   if hasattr(mtl_optax, "igb_v2"):
     methods["igb_v2"] = lambda k, spe, key: Links(_igb_v2(k, spe, key), None)
   methods.update({n: _gradient(n) for n in GRADIENT_BALANCERS if hasattr(mtl_optax, n)})
+  # DB-MTL with beta_k = 0.9 / sqrt(k), from its paper's grid (beta_sigma in {0, 0.5}); the
+  # default (LibMTL's constant beta = 0.9) trains badly on our benchmarks (see README).
+  methods["db_mtl_decay"] = lambda k, spe, key: Links(
+      None, mtl_optax.db_mtl(k, beta_sigma=0.5, shared=shared_mask))
   if hasattr(mtl_optax, "igb_v2"):
     methods.update({f"igb_v2+{n}": _fusion(n) for n in IGB_V2_FUSIONS if hasattr(mtl_optax, n)})
   return methods
