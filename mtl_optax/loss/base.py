@@ -12,7 +12,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 
-WeightFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+WeightFn = Callable[..., tuple[jax.Array, Any]]  # (losses, state, **extra) -> (s, state)
 
 # Inside jit, loss values are unknown at trace time; log-based balancers clamp them here.
 LOSS_FLOOR = 1e-12
@@ -30,25 +30,27 @@ def reweighter(
     *,
     num_tasks: int | None = None,
     needs_positive: bool = False,
+    extra_args: tuple[str, ...] = (),
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a loss balancer: row i of the stacked gradients is scaled by `s_i`.
 
   Args:
     name: used in error messages.
     init_fn: returns the initial state.
-    weight_fn: `(losses, state) -> (s, new_state)`, s of shape `(K,)`.
+    weight_fn: `(losses, state, **extra) -> (s, new_state)`, s of shape `(K,)`.
     num_tasks: K, when the state is per task (checked against every leaf).
     needs_positive: the balancer takes log(L_i); concrete non-positive losses raise.
+    extra_args: names of extra keyword arguments passed on to `weight_fn` (None if absent).
   """
   def init(params):
     del params
     return init_fn()
 
-  def update(updates, state, params=None, *, losses=None, **extra_args):
-    del params, extra_args
+  def update(updates, state, params=None, *, losses=None, **extra):
+    del params
     k = tree_lib.num_tasks(updates, num_tasks, name)
     losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
-    weights, state = weight_fn(losses, state)
+    weights, state = weight_fn(losses, state, **{n: extra.get(n) for n in extra_args})
     return tree_lib.scale_rows(weights, updates), state
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.loss.base import check_positive_int, positive
+from mtl_optax.loss.base import check_positive_int, positive, reweighter
 
 # FAMO's D_i = L_i - L_min,i + GAP_EPS (the reference code's 1e-8).
 GAP_EPS = 1e-8
@@ -68,18 +68,13 @@ def famo(
             f"{bad.tolist()} have {np.asarray(losses)[bad].tolist()}.")
     return positive(losses - floor + GAP_EPS)
 
-  def init(params):
-    del params
+  def init():
     logits = jnp.zeros((num_tasks,), jnp.float32)
     return FAMOState(jnp.zeros([], jnp.int32), logits, optimizer.init(logits), floor)
 
-  def update(updates, state, params=None, *, losses=None, post_step_losses=None,
-             **extra_args):
-    del params, extra_args
-    k = tree_lib.num_tasks(updates, num_tasks, "famo")
-    losses = tree_lib.check_losses(losses, k, "famo")
+  def weights(losses, state, post_step_losses):
     after = losses if post_step_losses is None else tree_lib.check_losses(
-        post_step_losses, k, "famo (post_step_losses)")
+        post_step_losses, num_tasks, "famo (post_step_losses)")
     d = gap(losses, "losses")
     # Logit step for the previous call: J_softmax(w)^T delta = z * (delta - z . delta).
     delta = jnp.log(gap(state.prev_losses, "losses")) - jnp.log(gap(after, "post_step_losses"))
@@ -89,8 +84,8 @@ def famo(
         lambda new, old: jnp.where(state.count > 0, new, old),
         (optax.apply_updates(state.logits, step), opt_state), (state.logits, state.opt_state))
     ratio = jax.nn.softmax(logits) / d
-    weights = ratio / jnp.sum(ratio)
     new_state = FAMOState(state.count + 1, logits, opt_state, losses.astype(jnp.float32))
-    return tree_lib.scale_rows(weights, updates), new_state
+    return ratio / jnp.sum(ratio), new_state
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return reweighter("famo", init, weights, num_tasks=num_tasks,
+                    extra_args=("post_step_losses",))
