@@ -35,7 +35,7 @@ def shared(params):
 
 def gradient_balancer() -> optax.GradientTransformationExtraArgs:
   """MGDA on the shared trunk; each head gets its own task's gradient."""
-  return mtl_optax.mgda(shared=shared)
+  return mtl_optax.mgda(NUM_TASKS, shared=shared)
 
 
 def main(steps: int = 300) -> jax.Array:

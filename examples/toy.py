@@ -29,11 +29,11 @@ METHODS = {
     "ew": lambda key: mtl_optax.sum_tasks(),
     "si": lambda key: optax.chain(mtl_optax.log_losses(), mtl_optax.sum_tasks()),
     "igb_v1": lambda key: optax.chain(mtl_optax.igb_v1(K, STEPS_PER_EPOCH), mtl_optax.sum_tasks()),
-    "mgda": lambda key: mtl_optax.mgda(),
-    "pcgrad": lambda key: mtl_optax.pcgrad(key),
-    "cagrad": lambda key: mtl_optax.cagrad(),
+    "mgda": lambda key: mtl_optax.mgda(2),
+    "pcgrad": lambda key: mtl_optax.pcgrad(2, key=key),
+    "cagrad": lambda key: mtl_optax.cagrad(2),
     "nash_mtl": lambda key: mtl_optax.nash_mtl(K),
-    "imgrad": lambda key: mtl_optax.imgrad(),
+    "imgrad": lambda key: mtl_optax.imgrad(2),
     "db_mtl": lambda key: mtl_optax.db_mtl(K),
 }
 

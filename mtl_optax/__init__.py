@@ -1,7 +1,9 @@
 """mtl_optax: multi-task loss and gradient balancers as optax transformations."""
 
-# Stacked Jacobians and the single-backward path.
+# The three paths: stacked Jacobian, single-backward / Gram-only, representation.
 from mtl_optax.jacobian import task_weights, value_and_jacrev, value_and_reweighted_grad
+from mtl_optax.representation import value_and_representation_jacrev
+from mtl_optax.rows import GramRows, GramUpdate, RepresentationRows, row_like
 
 # Loss balancers (reweighters): stacked -> stacked.
 from mtl_optax.loss.base import reweighter
@@ -13,21 +15,22 @@ from mtl_optax.loss.learned import LearnedScaleState, imtl_l, uw
 from mtl_optax.loss.random import RLWState, rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
 
-# Gradient balancers (aggregators): stacked -> one gradient.
-from mtl_optax.grad.aligned_mtl import aligned_mtl
-from mtl_optax.grad.base import aggregator, gram_aggregator, mean_tasks, sum_tasks
-from mtl_optax.grad.cagrad import cagrad
+# Gradient balancers (aggregators): stacked -> one gradient; and their Gram -> weights functions.
+from mtl_optax.grad.aligned_mtl import aligned_mtl, aligned_mtl_weights
+from mtl_optax.grad.base import (GramBalancerState, aggregator, gram_aggregator, mean_tasks,
+                                 sum_tasks)
+from mtl_optax.grad.cagrad import cagrad, cagrad_weights
 from mtl_optax.grad.db_mtl import DBMTLState, db_mtl
 from mtl_optax.grad.graddrop import GradDropState, graddrop
 from mtl_optax.grad.gradnorm import GradNormState, gradnorm
-from mtl_optax.grad.gradvac import GradVacState, gradvac
-from mtl_optax.grad.imgrad import imgrad, imgrad_nash
-from mtl_optax.grad.imtl import imtl, imtl_g
-from mtl_optax.grad.mgda import mgda
+from mtl_optax.grad.gradvac import GradVacState, gradvac, gradvac_weights
+from mtl_optax.grad.imgrad import imgrad, imgrad_nash, imgrad_nash_weights, imgrad_weights
+from mtl_optax.grad.imtl import imtl, imtl_g, imtl_g_weights
+from mtl_optax.grad.mgda import mgda, mgda_weights
 from mtl_optax.grad.moco import MoCoState, moco
-from mtl_optax.grad.nash_mtl import NashMTLState, nash_mtl
-from mtl_optax.grad.pcgrad import PCGradState, pcgrad
-from mtl_optax.grad.upgrad import upgrad
+from mtl_optax.grad.nash_mtl import NashMTLState, nash_mtl, nash_mtl_weights
+from mtl_optax.grad.pcgrad import PCGradState, pcgrad, pcgrad_weights
+from mtl_optax.grad.upgrad import upgrad, upgrad_weights
 
 # The SAC agent behind IGBv2.
 from mtl_optax.rl import SAC, SACState, sac

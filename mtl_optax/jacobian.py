@@ -1,4 +1,4 @@
-"""Per-task gradients: the stacked Jacobian, and the single-backward path for loss balancers."""
+"""Per-task gradients: the stacked Jacobian, and the single-backward / Gram-only path."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from mtl_optax import tree as tree_lib
+from mtl_optax.rows import GramRows, GramUpdate
 
 
 def _vjp(fun, params, args, kwargs, has_aux, name):
@@ -37,41 +40,117 @@ def value_and_jacrev(fun: Callable[..., Any], has_aux: bool = False) -> Callable
 
 
 def task_weights(
-    reweighter: optax.GradientTransformation,
+    balancer: optax.GradientTransformation,
     state: optax.OptState,
     losses: jax.Array,
     params: Any = None,
+    *,
+    gram: jax.Array | None = None,
     **extra_args: Any,
 ) -> tuple[jax.Array, optax.OptState]:
-  """Reads a reweighter's row scalings s (shape `(K,)`) by feeding it a vector of ones.
+  """The weights w (shape `(K,)`) of a balancer's update d = sum_i w_i g_i, with its new state.
 
-  Returns `(s, new_state)`, the same state update the stacked path makes.
+  A loss balancer's weights are its row scalings s and need only `losses`. A Gram-based
+  gradient balancer (or a chain of loss balancers and one) also needs `gram`, the K x K Gram
+  matrix of the shared rows; w is then on the raw rows (a loss balancer before it included).
+  The state update is the one the stacked path makes.
   """
-  update = optax.with_extra_args_support(reweighter).update
-  ones = jnp.ones_like(losses)
-  weights, new_state = update(ones, state, params, losses=losses, **extra_args)
-  if not isinstance(weights, jax.Array) or weights.shape != ones.shape:
-    raise ValueError(
-        "task_weights needs a loss balancer (stacked -> stacked row scaling); this "
-        "transformation reduced the task axis. Chain gradient balancers after it instead."
-    )
+  losses = jnp.asarray(losses)
+  k = losses.shape[0]
+
+  def gram_fn(mask):
+    del mask
+    if gram is None:
+      raise ValueError("task_weights: this balancer is Gram-based; pass gram=, the K x K Gram "
+                       "matrix of the shared rows.")
+    if jnp.shape(gram) != (k, k):
+      raise ValueError(f"task_weights: gram has shape {jnp.shape(gram)}, expected ({k}, {k}).")
+    return jnp.asarray(gram)
+
+  rows = GramRows(jnp.eye(k, dtype=jnp.promote_types(losses.dtype, jnp.float32)), gram_fn)
+  out, new_state = _update(balancer, rows, state, params, losses, extra_args, "task_weights")
+  weights = out.shared if isinstance(out, GramUpdate) else jnp.diag(out.coef)
   return jax.lax.stop_gradient(weights), new_state
 
 
 def value_and_reweighted_grad(
-    fun: Callable[..., Any], reweighter: optax.GradientTransformation, has_aux: bool = False
+    fun: Callable[..., Any],
+    balancer: optax.GradientTransformation,
+    has_aux: bool = False,
+    *,
+    chunk_size: int = 4,
 ) -> Callable[..., Any]:
-  """The single-backward path of a loss balancer.
+  """The single-backward path of loss balancers, and the Gram-only path of gradient balancers.
 
   Wraps `fun(params, *args) -> losses[K]` into
-  `f(params, state, *args, **extra_args) -> ((losses, grad), new_state)`, where
-  `grad = d/dparams sum_i stop_gradient(s_i) L_i` for the reweighter's scalings s: one forward
-  and one backward pass, equal to `sum_tasks` of the reweighted stacked Jacobian.
-  `extra_args` go to the reweighter. With `has_aux`, `losses` is `(losses, aux)`.
+  `f(params, state, *args, **extra_args) -> ((losses, grad), new_state)`, where `state` is
+  `balancer.init(params)` and `extra_args` go to the balancer. `balancer` is a loss balancer
+  (then `grad` is that of sum_i stop_gradient(s_i) L_i: one forward and one backward pass), a
+  Gram-based gradient balancer (`mgda`, `nash_mtl`, `sum_tasks`, ...), or an `optax.chain` of
+  loss balancers and one gradient balancer (no optimizer). A gradient balancer reads the K x K
+  Gram matrix of the shared rows, computed without ever holding the K rows: for each chunk of
+  `chunk_size` tasks, their rows (one VJP each) are contracted against the Jacobian (one JVP
+  each), so memory is `chunk_size` rows rather than K; then `grad` = the VJP of
+  sum_i w_i L_i (two VJPs when shared and task-specific leaves get different weights). Equal to
+  the stacked path's update. With `has_aux`, `losses` is `(losses, aux)`.
   """
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"value_and_reweighted_grad: chunk_size must be a positive int, got "
+                     f"{chunk_size!r}.")
+
   def wrapped(params, state, *args, **extra_args):
     losses, vjp_fn, value = _vjp(fun, params, args, {}, has_aux, "value_and_reweighted_grad")
-    weights, new_state = task_weights(reweighter, state, losses, params, **extra_args)
-    (grad,) = vjp_fn(weights.astype(losses.dtype))
-    return (value, grad), new_state
+    gram_fn = _chunked_gram(vjp_fn, losses, chunk_size)
+    rows = GramRows(jnp.eye(losses.shape[0], dtype=losses.dtype), gram_fn)
+    out, new_state = _update(balancer, rows, state, params, losses, extra_args,
+                             "value_and_reweighted_grad")
+    if isinstance(out, GramRows):  # loss balancers alone: the sum of the reweighted rows
+      out = out.combine(jnp.ones(out.num_tasks, out.coef.dtype), None, None)
+    return (value, _pullback(vjp_fn, out, losses.dtype)), new_state
   return wrapped
+
+
+def _update(balancer, rows, state, params, losses, extra_args, name):
+  """Runs `balancer` on Gram rows; its output must be Gram rows or a Gram update."""
+  message = (f"{name} needs a loss balancer, a Gram-based gradient balancer, or an optax.chain "
+             "of them, with no optimizer after it")
+  update = optax.with_extra_args_support(balancer).update
+  try:
+    out, new_state = update(rows, state, params, losses=losses, **extra_args)
+  except TypeError as error:  # a transformation after the gradient balancer met its weights
+    raise ValueError(f"{message} ({error}).") from error
+  if not isinstance(out, (GramRows, GramUpdate)):
+    raise ValueError(f"{message}; the balancer returned {type(out).__name__}, not task weights.")
+  return out, new_state
+
+
+def _chunked_gram(vjp_fn: Callable, losses: jax.Array, chunk_size: int):
+  """mask -> J M J^T, M the projection onto the leaves `mask` marks shared (None: all).
+
+  Column i is J (M J^T e_i): a VJP, then a JVP (the VJP's transpose), in chunks of
+  `chunk_size` tasks, so at most `chunk_size` rows of J exist at once.
+  """
+  jvp_fn = jax.linear_transpose(vjp_fn, losses)
+
+  def gram(mask):
+    def column(e):
+      (row,) = vjp_fn(e)
+      if mask is not None:
+        row = tree_lib.map_masked(lambda x: x, jnp.zeros_like, mask, row)
+      (col,) = jvp_fn((row,))
+      return col
+
+    k = losses.shape[0]
+    cols = jax.lax.map(column, jnp.eye(k, dtype=losses.dtype), batch_size=min(chunk_size, k))
+    return 0.5 * (cols + cols.T)
+  return gram
+
+
+def _pullback(vjp_fn: Callable, out: GramUpdate, dtype) -> Any:
+  """J^T w on shared leaves and J^T v on task-specific ones (one VJP when w is v)."""
+  w = jax.lax.stop_gradient(out.shared).astype(dtype)
+  if out.mask is None or out.specific is out.shared:
+    return vjp_fn(w)[0]
+  v = jax.lax.stop_gradient(out.specific).astype(dtype)
+  both = jax.vmap(vjp_fn)(jnp.stack([w, v]))[0]
+  return tree_lib.map_masked(lambda x: x[0], lambda x: x[1], out.mask, both)

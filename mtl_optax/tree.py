@@ -9,12 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_optax.rows import GramRows, RepresentationRows
+
 Tree = Any
 MaskOrFn = Tree | Callable[[Tree], Tree] | None
 
 
 def num_tasks(stacked: Tree, expected: int | None = None, name: str = "mtl_optax") -> int:
   """Returns K, the common leading axis of all leaves; raises at trace time if it differs."""
+  if isinstance(stacked, GramRows):
+    if expected is not None and expected != stacked.num_tasks:
+      raise ValueError(f"{name}: the rows have K={stacked.num_tasks} tasks, expected {expected}.")
+    return stacked.num_tasks
   leaves = jax.tree_util.tree_leaves_with_path(stacked)
   if not leaves:
     raise ValueError(f"{name}: the stacked updates have no leaves.")
@@ -62,6 +68,9 @@ def check_losses(
 
 def scale_rows(weights: jax.Array, stacked: Tree) -> Tree:
   """Row i of every leaf times `weights[i]`."""
+  if isinstance(stacked, GramRows):
+    return stacked.scale(weights)
+
   def scale(leaf):
     w = weights.astype(leaf.dtype)
     return leaf * w.reshape((-1,) + (1,) * (leaf.ndim - 1))
@@ -77,15 +86,62 @@ def gram(stacked: Tree) -> jax.Array:
   """The K x K Gram matrix `G G^T` of the rows, as a sum of per-leaf contractions."""
   def leaf_gram(leaf):
     flat = leaf.reshape(leaf.shape[0], -1)
-    return jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST).astype(jnp.float32)
+    dtype = jnp.promote_types(leaf.dtype, jnp.float32)  # bfloat16 rows: a float32 Gram
+    return jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=dtype)
   return sum(leaf_gram(leaf) for leaf in jax.tree.leaves(stacked))
 
 
 def resolve_mask(shared: MaskOrFn, params: Tree) -> Tree:
-  """The `shared` mask as a pytree of bools like `params` (None: every leaf is shared)."""
+  """The `shared` mask as a pytree of bools like `params` (None: every leaf is shared).
+
+  On representation-path rows (`RepresentationRows`) z is shared and the task-specific rows
+  are not; a given mask must say the same.
+  """
+  if isinstance(params, RepresentationRows):
+    return _representation_mask(shared, params)
   if shared is None:
     return jax.tree.map(lambda _: True, params)
   return shared(params) if callable(shared) else shared
+
+
+def rows_mask(shared: MaskOrFn, updates: Tree, params: Tree | None) -> Tree:
+  """The mask a gradient balancer applies to `updates`, resolved on the parameters.
+
+  Stacked rows: on `params` (on the rows when `params` is None). Representation rows: on the
+  rows. Gram rows: on `params`, or None (the Gram matrix given is that of the shared rows).
+  """
+  if isinstance(updates, GramRows):
+    return None if params is None else resolve_mask(shared, params)
+  if isinstance(updates, RepresentationRows) or params is None:
+    return resolve_mask(shared, updates)
+  return resolve_mask(shared, params)
+
+
+def _representation_mask(shared: MaskOrFn, rows: RepresentationRows) -> RepresentationRows:
+  expected = RepresentationRows(jax.tree.map(lambda _: True, rows.z),
+                                jax.tree.map(lambda _: False, rows.specific))
+  if shared is None:
+    return expected
+  mask = shared(rows) if callable(shared) else shared
+  try:
+    full = map_masked(lambda _: True, lambda _: False, mask, rows)
+    same = (jax.tree.structure(full) == jax.tree.structure(expected)
+            and jax.tree.leaves(full) == jax.tree.leaves(expected))
+  except (ValueError, TypeError):
+    same = False
+  if not same:
+    raise ValueError(
+        "On the representation path the shared mask must mark z shared and the task-specific "
+        "rows not (RepresentationRows(z=True, specific=False)); build the balancer with "
+        "shared=None there.")
+  return expected
+
+
+def map_masked(if_shared: Callable, if_specific: Callable, mask: Tree, tree: Tree) -> Tree:
+  """`if_shared` on the leaves `mask` (a prefix of `tree` allowed) marks True, else `if_specific`."""
+  return jax.tree.map(
+      lambda m, sub: jax.tree.map(if_shared if m else if_specific, sub), mask, tree)
 
 
 def split(stacked: Tree, mask: Tree) -> tuple[Tree, Tree]:

@@ -64,7 +64,9 @@ def run(made, rows_seq, losses_seq=None, key=None):
   """
   transform, update = made
   state = transform.init(params_like())
-  if key is not None:
+  if key is not None and hasattr(state, "inner"):
+    state = state._replace(inner=state.inner._replace(key=jax.random.PRNGKey(key)))
+  elif key is not None:
     state = state._replace(key=jax.random.PRNGKey(key))
   outs = []
   for t, rows in enumerate(rows_seq):

@@ -137,9 +137,17 @@ def test_hyperparameters_must_be_positive_ints(make, what):
   make(np.int64(3))  # NumPy integers are integers
 
 
-def test_task_weights_rejects_an_aggregator():
-  with pytest.raises(ValueError, match=r"task_weights needs a loss balancer"):
-    mtl_optax.task_weights(mtl_optax.sum_tasks(), optax.EmptyState(), losses())
-  chain = optax.chain(mtl_optax.log_losses(), mtl_optax.mean_tasks())
-  with pytest.raises(ValueError, match=r"reduced the task axis"):
+def test_task_weights_of_gradient_balancers():
+  w, _ = mtl_optax.task_weights(mtl_optax.mean_tasks(), optax.EmptyState(), losses())
+  np.testing.assert_allclose(w, np.full(K, 1.0 / K))
+  tx = mtl_optax.mgda(K)
+  with pytest.raises(ValueError, match=r"Gram-based; pass gram="):
+    mtl_optax.task_weights(tx, tx.init(None), losses())
+  with pytest.raises(ValueError, match=r"gram has shape \(2, 2\), expected \(3, 3\)"):
+    mtl_optax.task_weights(tx, tx.init(None), losses(), gram=jnp.eye(2))
+  tx = mtl_optax.graddrop(0)
+  with pytest.raises(ValueError, match=r"graddrop is not Gram-based"):
+    mtl_optax.task_weights(tx, tx.init(None), losses(), gram=jnp.eye(K))
+  chain = optax.chain(mtl_optax.log_losses(), mtl_optax.mean_tasks(), optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"no optimizer after it"):
     jax.jit(lambda l: mtl_optax.task_weights(chain, chain.init(None), l))(losses())

@@ -16,20 +16,20 @@ import mtl_optax
 K, SPE, STEPS = 3, 2, 6
 SHARED = {"trunk": True, "heads": False}
 AGGREGATORS = {
-    "mgda": lambda shared: mtl_optax.mgda(shared=shared),
-    "pcgrad": lambda shared: mtl_optax.pcgrad(0, shared=shared),
-    "cagrad": lambda shared: mtl_optax.cagrad(shared=shared),
-    "imtl_g": lambda shared: mtl_optax.imtl_g(shared=shared),
+    "mgda": lambda shared: mtl_optax.mgda(K, shared=shared),
+    "pcgrad": lambda shared: mtl_optax.pcgrad(K, key=0, shared=shared),
+    "cagrad": lambda shared: mtl_optax.cagrad(K, shared=shared),
+    "imtl_g": lambda shared: mtl_optax.imtl_g(K, shared=shared),
     "nash_mtl": lambda shared: mtl_optax.nash_mtl(K, shared=shared),
-    "aligned_mtl": lambda shared: mtl_optax.aligned_mtl(shared=shared),
-    "upgrad": lambda shared: mtl_optax.upgrad(shared=shared),
+    "aligned_mtl": lambda shared: mtl_optax.aligned_mtl(K, shared=shared),
+    "upgrad": lambda shared: mtl_optax.upgrad(K, shared=shared),
     "graddrop": lambda shared: mtl_optax.graddrop(0, shared=shared),
-    "gradvac": lambda shared: mtl_optax.gradvac(K, 0, shared=shared),
+    "gradvac": lambda shared: mtl_optax.gradvac(K, key=0, shared=shared),
     "gradnorm": lambda shared: mtl_optax.gradnorm(K, shared=shared),
     "moco": lambda shared: mtl_optax.moco(K, shared=shared),
     "imtl": lambda shared: mtl_optax.imtl(K, shared=shared),
     "db_mtl": lambda shared: mtl_optax.db_mtl(K, log_transform=False, shared=shared),
-    "imgrad": lambda shared: mtl_optax.imgrad(shared=shared),
+    "imgrad": lambda shared: mtl_optax.imgrad(K, shared=shared),
     "imgrad_nash": lambda shared: mtl_optax.imgrad_nash(K, shared=shared),
 }
 # Task-specific leaves get a weighted sum: Nash-MTL's (and IMGrad-Nash's) alpha, GradNorm's w, and IMTL's own
@@ -149,6 +149,6 @@ def test_toy_valley_floor_jacobian_stays_finite(factory):
   """The Jacobian at which CAGrad once returned NaN on the toy problem (x ~ (0, -8.35))."""
   jac = jnp.array([[-1.399382472038269, 0.00024215318262577057],
                    [1.3992888927459717, 0.00024246424436569214]], jnp.float32)
-  tx = factory()
+  tx = factory(2)
   out, _ = tx.update(jac, tx.init(jnp.zeros(2)))
   assert bool(jnp.all(jnp.isfinite(out)))

@@ -78,7 +78,7 @@ def np_mgda(g, losses, normalization, apply_to, by_k):
 @pytest.mark.parametrize("k,kind", CASES)
 def test_mgda_matches_scipy_and_does_not_conflict(k, kind):
   g = jacobian(k, kind, seed=k)
-  d, _ = apply(mtl_optax.mgda(), g)
+  d, _ = apply(mtl_optax.mgda(len(g)), g)
   np.testing.assert_allclose(d, np_mgda(g, None, "none", "raw", False), atol=1e-3 * scale(g))
   assert np.min(g @ d - d @ d) > -1e-5 * scale(g) ** 2
 
@@ -88,7 +88,7 @@ def test_mgda_matches_scipy_and_does_not_conflict(k, kind):
 def test_mgda_normalizations(normalization, apply_to, by_k):
   g = jacobian(3, "norms", seed=11)
   losses = np.array([0.5, 2.0, 7.0])
-  tx = mtl_optax.mgda(normalization, apply_to=apply_to, scale_by_num_tasks=by_k)
+  tx = mtl_optax.mgda(len(g), normalization, apply_to=apply_to, scale_by_num_tasks=by_k)
   d, _ = apply(tx, g, jnp.asarray(losses, jnp.float32))
   np.testing.assert_allclose(d, np_mgda(g, losses, normalization, apply_to, by_k),
                              atol=1e-3 * scale(g) * (3 if by_k else 1))
@@ -96,11 +96,11 @@ def test_mgda_normalizations(normalization, apply_to, by_k):
 
 def test_mgda_bad_arguments():
   with pytest.raises(ValueError, match="normalization"):
-    mtl_optax.mgda("max")
+    mtl_optax.mgda(3, "max")
   with pytest.raises(ValueError, match="apply_to"):
-    mtl_optax.mgda(apply_to="sum")
+    mtl_optax.mgda(3, apply_to="sum")
   with pytest.raises(ValueError, match="losses"):
-    apply(mtl_optax.mgda("loss"), jacobian(3))
+    apply(mtl_optax.mgda(3, "loss"), jacobian(3))
 
 
 # -- CAGrad and IMGrad (the reference code, with SLSQP in float64) --
@@ -138,14 +138,14 @@ CAGRAD_CASES = [(2, "plain"), (3, "plain"), (7, "plain"), (7, "rank"), (3, "zero
 def test_cagrad_matches_reference(k, kind):
   # Unit-variance rows: the reference's absolute epsilons and ours (relative) coincide.
   g = jacobian(k, kind, seed=20 + k)
-  d, _ = apply(mtl_optax.cagrad(), g)
+  d, _ = apply(mtl_optax.cagrad(len(g)), g)
   np.testing.assert_allclose(d, np_cagrad(g, 0.4), atol=2e-3 * k * scale(g))
 
 
 @pytest.mark.parametrize("rescale,by_k", [(0, False), (2, True)])
 def test_cagrad_options(rescale, by_k):
   g = jacobian(3, seed=5)
-  d, _ = apply(mtl_optax.cagrad(0.5, rescale=rescale, scale_by_num_tasks=by_k), g)
+  d, _ = apply(mtl_optax.cagrad(len(g), 0.5, rescale=rescale, scale_by_num_tasks=by_k), g)
   np.testing.assert_allclose(d, np_cagrad(g, 0.5, rescale, by_k), atol=5e-3 * scale(g))
 
 
@@ -155,15 +155,15 @@ def test_imgrad_forms_match_numpy(form, k, kind):
   g = jacobian(k, kind, seed=40 + k)
   if form != "reference":  # the paper forms are not scale-free; we evaluate them on M / (tr/K)
     g = g / np.sqrt(np.trace(g @ g.T) / k)
-  d, _ = apply(mtl_optax.imgrad(form=form), g)
+  d, _ = apply(mtl_optax.imgrad(len(g), form=form), g)
   np.testing.assert_allclose(d, np_cagrad(g, 0.8, imbalance=form), atol=2e-3 * k * scale(g))
 
 
 def test_cagrad_imgrad_bad_arguments():
   with pytest.raises(ValueError, match="rescale"):
-    mtl_optax.cagrad(rescale=3)
+    mtl_optax.cagrad(3, rescale=3)
   with pytest.raises(ValueError, match="form"):
-    mtl_optax.imgrad(form="eq13")
+    mtl_optax.imgrad(3, form="eq13")
 
 
 # -- UPGrad --
@@ -184,7 +184,7 @@ def np_upgrad(g, reg=1e-4):
 @pytest.mark.parametrize("k,kind", CASES)
 def test_upgrad_matches_scipy_and_does_not_conflict(k, kind):
   g = jacobian(k, kind, seed=60 + k)
-  d, _ = apply(mtl_optax.upgrad(), g)
+  d, _ = apply(mtl_optax.upgrad(len(g)), g)
   np.testing.assert_allclose(d, np_upgrad(g), atol=1e-3 * scale(g))
   # Non-conflicting up to the regularization: g_i . d >= -reg_eps * trace(M) * max weight.
   assert np.min(g @ d) > -2e-4 * np.trace(g @ g.T)
@@ -192,7 +192,7 @@ def test_upgrad_matches_scipy_and_does_not_conflict(k, kind):
 
 def test_upgrad_without_conflict_is_the_mean():
   g = np.abs(jacobian(3, seed=1))  # all pairwise products positive: every row is in the cone
-  d, _ = apply(mtl_optax.upgrad(reg_eps=1e-8), g)
+  d, _ = apply(mtl_optax.upgrad(len(g), reg_eps=1e-8), g)
   np.testing.assert_allclose(d, g.mean(0), atol=1e-4 * scale(g))
 
 
@@ -211,8 +211,8 @@ def test_nash_matches_scipy_root(k, kind):
   g = jacobian(k, kind, seed=80 + k)
   alpha = np_nash(g)
   d, state = apply(mtl_optax.nash_mtl(k, max_norm=0.0), g)
-  np.testing.assert_allclose(state.alpha * (g @ g.T @ state.alpha), 1.0, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(state.alpha), alpha, rtol=1e-3)
+  np.testing.assert_allclose(state.inner.alpha * (g @ g.T @ state.inner.alpha), 1.0, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(state.inner.alpha), alpha, rtol=1e-3)
   np.testing.assert_allclose(d, alpha @ g, atol=1e-3 * np.linalg.norm(alpha @ g))
   clipped, _ = apply(mtl_optax.nash_mtl(k), g)  # ||d|| = sqrt(K) > 1 = max_norm
   np.testing.assert_allclose(clipped, alpha @ g / np.linalg.norm(alpha @ g), atol=1e-4)
@@ -223,21 +223,21 @@ def test_nash_update_weights_every_keeps_alpha_between_updates():
   g1, g2, g3 = (jacobian(3, seed=s) for s in (1, 2, 3))
   _, state = apply(tx, g1)
   a1 = np_nash(g1)
-  np.testing.assert_allclose(state.alpha, a1, rtol=1e-3)
+  np.testing.assert_allclose(state.inner.alpha, a1, rtol=1e-3)
   d2, state = apply(tx, g2, state=state)  # step 1: alpha reused
-  np.testing.assert_allclose(state.alpha, a1, rtol=1e-3)
+  np.testing.assert_allclose(state.inner.alpha, a1, rtol=1e-3)
   np.testing.assert_allclose(d2, a1 @ g2, atol=1e-3 * np.linalg.norm(a1 @ g2))
   _, state = apply(tx, g3, state=state)  # step 2: recomputed
-  np.testing.assert_allclose(state.alpha, np_nash(g3), rtol=1e-3)
-  assert int(state.step) == 3
+  np.testing.assert_allclose(state.inner.alpha, np_nash(g3), rtol=1e-3)
+  assert int(state.inner.step) == 3
 
 
 def test_nash_zero_row_keeps_previous_alpha_for_that_task():
   g = jacobian(3, "zero", seed=4)
   _, state = apply(mtl_optax.nash_mtl(3), g)
-  assert state.alpha[1] == 1.0
+  assert state.inner.alpha[1] == 1.0
   keep = np.array([0, 2])
-  np.testing.assert_allclose(np.asarray(state.alpha)[keep], np_nash(g[keep]), rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(state.inner.alpha)[keep], np_nash(g[keep]), rtol=1e-3)
 
 
 def test_nash_checks_num_tasks():
@@ -250,10 +250,10 @@ def test_nash_checks_num_tasks():
 # -- properties shared by all of them --
 
 ALL = {
-    "mgda": lambda k: mtl_optax.mgda(),
-    "cagrad": lambda k: mtl_optax.cagrad(),
-    "imgrad": lambda k: mtl_optax.imgrad(),
-    "upgrad": lambda k: mtl_optax.upgrad(),
+    "mgda": lambda k: mtl_optax.mgda(k),
+    "cagrad": lambda k: mtl_optax.cagrad(k),
+    "imgrad": lambda k: mtl_optax.imgrad(k),
+    "upgrad": lambda k: mtl_optax.upgrad(k),
     "nash_mtl": lambda k: mtl_optax.nash_mtl(k),
 }
 
@@ -292,12 +292,12 @@ def test_mask_task_specific_leaves(name):
   tx = ALL[name](3)
   masked = {"mgda": mtl_optax.mgda, "cagrad": mtl_optax.cagrad, "imgrad": mtl_optax.imgrad,
             "upgrad": mtl_optax.upgrad}.get(name)
-  tx = (masked(shared={"a": True, "b": False}) if masked else
+  tx = (masked(3, shared={"a": True, "b": False}) if masked else
         mtl_optax.nash_mtl(3, shared={"a": True, "b": False}))
   out, state = jax.jit(tx.update)(tree, tx.init(None))
   shared_only, _ = apply(ALL[name](3), np.concatenate([g[:, :6], np.zeros((3, 6))], axis=1))
   np.testing.assert_allclose(np.asarray(out["a"]).reshape(-1), shared_only[:6], atol=1e-5)
-  weights = np.asarray(state.alpha) if name == "nash_mtl" else np.ones(3)
+  weights = np.asarray(state.inner.alpha) if name == "nash_mtl" else np.ones(3)
   np.testing.assert_allclose(out["b"], weights @ g[:, 6:], rtol=1e-5, atol=1e-6)
 
 
@@ -334,7 +334,7 @@ def train_toy(tx, x0, steps=3000, lr=1e-2):
 
 def test_toy_mgda_reaches_the_pareto_set():
   for x0 in [(-8.5, -5.0), TOY_STARTS[4]]:
-    x = train_toy(mtl_optax.mgda(), x0)
+    x = train_toy(mtl_optax.mgda(2), x0)
     # Pareto set of the quadratic branch: x1 between the task minima, x2 at the common minimum.
     assert -7.5 < x[0] < 7.5 and abs(x[1] + 8.3552) < 0.3, x
     jac = np.asarray(jax.jacrev(toy_losses)(jnp.asarray(x)), np.float64)
@@ -344,6 +344,6 @@ def test_toy_mgda_reaches_the_pareto_set():
 
 def test_toy_imgrad_reduces_both_objectives():
   for x0 in [TOY_STARTS[0], TOY_STARTS[2]]:
-    x = train_toy(mtl_optax.imgrad(), x0)
+    x = train_toy(mtl_optax.imgrad(2), x0)
     before, after = (np.asarray(toy_losses(jnp.asarray(p))) for p in (x0, x))
     assert np.all(after < before - 5.0), (before, after)

@@ -178,11 +178,11 @@ def shared_mask(params):
 
 
 FACTORIES = {
-    "pcgrad": lambda k, **kw: make("pcgrad", 0, **kw),
-    "gradvac": lambda k, **kw: make("gradvac", k, 0, **kw),
-    "imtl_g": lambda k, **kw: make("imtl_g", **kw),
+    "pcgrad": lambda k, **kw: make("pcgrad", k, key=0, **kw),
+    "gradvac": lambda k, **kw: make("gradvac", k, key=0, **kw),
+    "imtl_g": lambda k, **kw: make("imtl_g", k, **kw),
     "imtl": lambda k, **kw: make("imtl", k, **kw),
-    "aligned_mtl": lambda k, **kw: make("aligned_mtl", **kw),
+    "aligned_mtl": lambda k, **kw: make("aligned_mtl", k, **kw),
     "graddrop": lambda k, **kw: make("graddrop", 0, **kw),
     "gradnorm": lambda k, **kw: make("gradnorm", k, **kw),
     "moco": lambda k, **kw: make("moco", k, **kw),

@@ -189,26 +189,26 @@ def test_imgrad_nash_matches_scipy():
   assert 0.01 < cos < 0.1
   ref = np_ccp(g @ g.T, cos, np.ones(3), steps=4)
   d, state = apply(FOUR_STEPS, g)
-  np.testing.assert_allclose(state.alpha, ref, rtol=3e-3)
+  np.testing.assert_allclose(state.inner.alpha, ref, rtol=3e-3)
   np.testing.assert_allclose(d, ref @ g, atol=3e-3 * np.linalg.norm(ref @ g))
   assert np.max(np.abs(ref / np_nash(g @ g.T) - 1.0)) > 1.0
   clipped, _ = apply(mtl_optax.imgrad_nash(3, optim_niter=4, tol=0.0), g)
   np.testing.assert_allclose(clipped, d / max(1.0, np.linalg.norm(d)), atol=1e-5)
   # Scale-free: gradients times 1e3 give alpha / 1e3 and the same direction.
   _, scaled = apply(FOUR_STEPS, 1e3 * g)
-  np.testing.assert_allclose(scaled.alpha * 1e3, state.alpha, rtol=1e-3)
+  np.testing.assert_allclose(scaled.inner.alpha * 1e3, state.inner.alpha, rtol=1e-3)
 
 
 def test_zero_gradients_single_task_and_infeasible_are_finite():
   d, state = apply(DEFAULT, np.zeros((3, N)))
-  assert np.all(d == 0) and np.all(np.asarray(state.alpha) == 1.0)
+  assert np.all(d == 0) and np.all(np.asarray(state.inner.alpha) == 1.0)
   g = jacobian(1, seed=3)
   d, state = apply(mtl_optax.imgrad_nash(1, max_norm=0.0), g)
-  np.testing.assert_allclose(state.alpha, 1.0 / np.linalg.norm(g), rtol=1e-4)
+  np.testing.assert_allclose(state.inner.alpha, 1.0 / np.linalg.norm(g), rtol=1e-4)
   np.testing.assert_allclose(d, g[0] / np.linalg.norm(g), atol=1e-5)
   opp = np.stack([g[0], -g[0]])  # no alpha > 0 exists: the previous alpha is kept
   d, state = apply(mtl_optax.imgrad_nash(2, max_norm=0.0), opp)
-  assert np.all(np.asarray(state.alpha) == 1.0) and np.all(np.isfinite(d))
+  assert np.all(np.asarray(state.inner.alpha) == 1.0) and np.all(np.isfinite(d))
 
 
 def test_zero_row_keeps_previous_alpha_for_that_task():
@@ -216,12 +216,12 @@ def test_zero_row_keeps_previous_alpha_for_that_task():
   g[1] = 0.0
   _, state = apply(FOUR_STEPS, g)
   keep = np.array([0, 2])
-  assert state.alpha[1] == 1.0
+  assert state.inner.alpha[1] == 1.0
   # g_m = 0, so cos = 0 up to float32 noise in the min-norm point (the library's cos is used).
   cos = float(imbalance_cos(f32(g @ g.T)))
   assert cos < 0.05
   ref = np_ccp(g[keep] @ g[keep].T, cos, np.ones(2), 4)
-  np.testing.assert_allclose(np.asarray(state.alpha)[keep], ref, rtol=2e-3)
+  np.testing.assert_allclose(np.asarray(state.inner.alpha)[keep], ref, rtol=2e-3)
 
 
 def test_update_every_mask_and_vmap():
@@ -229,15 +229,15 @@ def test_update_every_mask_and_vmap():
   tx = mtl_optax.imgrad_nash(3, update_weights_every=2, max_norm=0.0)
   _, s1 = apply(tx, g1)
   d2, s2 = apply(tx, g2, s1)  # step 1: alpha reused
-  np.testing.assert_array_equal(s2.alpha, s1.alpha)
-  np.testing.assert_allclose(d2, np.asarray(s1.alpha) @ g2, rtol=1e-5, atol=1e-6)
-  assert int(s2.step) == 2
+  np.testing.assert_array_equal(s2.inner.alpha, s1.inner.alpha)
+  np.testing.assert_allclose(d2, np.asarray(s1.inner.alpha) @ g2, rtol=1e-5, atol=1e-6)
+  assert int(s2.inner.step) == 2
   # Task-specific leaves ("b") get sum_i alpha_i row_i, alpha from the shared leaf only.
   tx = mtl_optax.imgrad_nash(3, shared={"a": True, "b": False})
   out, state = jax.jit(tx.update)(as_tree(g1), tx.init(None))
   _, shared_only = apply(DEFAULT, np.concatenate([g1[:, :6], 0 * g1[:, 6:]], 1))
-  np.testing.assert_allclose(state.alpha, shared_only.alpha, rtol=1e-5)
-  np.testing.assert_allclose(out["b"], np.asarray(state.alpha) @ g1[:, 6:], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.inner.alpha, shared_only.inner.alpha, rtol=1e-5)
+  np.testing.assert_allclose(out["b"], np.asarray(state.inner.alpha) @ g1[:, 6:], rtol=1e-5, atol=1e-6)
   # vmap over a batch of Jacobians (and of states) matches one at a time.
   tx = DEFAULT
   gs = np.stack([jacobian(3, seed=s) for s in range(3)])
@@ -247,7 +247,7 @@ def test_update_every_mask_and_vmap():
   for b in range(3):
     d, state = apply(tx, gs[b])
     np.testing.assert_allclose(flat(jax.tree.map(lambda x: x[b], outs)), d, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(new.alpha[b], state.alpha, rtol=1e-4)
+    np.testing.assert_allclose(new.inner.alpha[b], state.inner.alpha, rtol=1e-4)
 
 
 def test_bad_input():

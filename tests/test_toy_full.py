@@ -16,7 +16,7 @@ from mtl_optax.toy import TOY_STARTS, toy_losses
 
 STEPS = 35_000
 METHODS = {
-    "mgda": lambda: mtl_optax.mgda(),
+    "mgda": lambda: mtl_optax.mgda(2),
     "nash_mtl": lambda: mtl_optax.nash_mtl(2),
     "db_mtl": lambda: mtl_optax.db_mtl(2),
 }

@@ -32,15 +32,17 @@ def aligned_mtl_weights(gram: jax.Array, scale_mode: ScaleMode = "min") -> jax.A
   return jnp.where(keep.any(), balance.sum(1), 1.0)
 
 
-def aligned_mtl(scale_mode: ScaleMode = "min", *, shared: tree_lib.MaskOrFn = None,
-                num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def aligned_mtl(num_tasks: int, scale_mode: ScaleMode = "min", *,
+                shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
   """Aligned-MTL: the rows' singular values equalized to sqrt(s), then summed.
 
   Senushkin et al. 2023, Alg. 1 with equal task preferences, the weights summed as in LibMTL
-  (torchjd averages them: 1/K times ours). Task-specific leaves get the plain sum of their rows.
+  (torchjd averages them: 1/K times ours); weights `aligned_mtl_weights`. Task-specific leaves
+  get the plain sum of their rows.
   """
   if scale_mode not in ("min", "rmse"):
     raise ValueError(f"aligned_mtl: scale_mode must be 'min' or 'rmse', got {scale_mode!r}.")
-  return gram_aggregator("aligned_mtl", lambda params: optax.EmptyState(),
-                         lambda gram, state, losses: (aligned_mtl_weights(gram, scale_mode), state),
-                         shared=shared, num_tasks=num_tasks)
+  return gram_aggregator(
+      "aligned_mtl", num_tasks, lambda params: optax.EmptyState(),
+      lambda gram, state, losses: (aligned_mtl_weights(gram, scale_mode), None, state),
+      shared=shared)

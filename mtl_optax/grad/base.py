@@ -7,19 +7,29 @@ sum of their rows (or, where a method says so, its weighted sum).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
+from mtl_optax.loss.base import check_positive_int
+from mtl_optax.rows import GramRows
 
 # (shared_rows, state, losses, params) -> (aggregated shared tree, task-specific weights or
 # None for the plain sum, new state)
 AggregateFn = Callable[..., tuple[Any, jax.Array | None, Any]]
-# (gram K x K, state, losses) -> (weights (K,), new state)
-GramWeightFn = Callable[[jax.Array, Any, jax.Array | None], tuple[jax.Array, Any]]
+# (gram K x K, state, losses) -> (weights of the shared rows (K,), weights of the task-specific
+# rows (K,) or None for the plain sum, new state)
+GramWeightFn = Callable[[jax.Array, Any, jax.Array | None],
+                        tuple[jax.Array, jax.Array | None, Any]]
+
+
+class GramBalancerState(NamedTuple):
+  """State of a Gram-based gradient balancer: the weights it used last, and its own state."""
+  weights: jax.Array  # (K,) w of the last update d = sum_i w_i g_i on the shared rows
+  inner: Any          # the method's own state
 
 
 def aggregator(
@@ -34,6 +44,9 @@ def aggregator(
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a gradient balancer from `aggregate_fn`, which sees only the shared rows.
 
+  Runs on the stacked and representation paths; it is not Gram-based, so the Gram-only path
+  rejects it.
+
   Args:
     name: used in error messages.
     init_fn: `params -> state`.
@@ -47,10 +60,15 @@ def aggregator(
   """
   def update(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
+    if isinstance(updates, GramRows):
+      raise ValueError(
+          f"{name} is not Gram-based (its update is not sum_i w_i g_i with w from the Gram "
+          "matrix), so it cannot run on the Gram-only path: use the stacked Jacobian "
+          "(value_and_jacrev) or the representation path.")
     k = tree_lib.num_tasks(updates, num_tasks, name)
     if needs_losses or losses is not None:
       losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
-    mask = tree_lib.resolve_mask(shared, updates if params is None else params)
+    mask = tree_lib.rows_mask(shared, updates, params)
     shared_rows, specific_rows = tree_lib.split(updates, mask)
     out, specific_weights, state = aggregate_fn(shared_rows, state, losses, params)
     if specific_weights is None:
@@ -63,23 +81,62 @@ def aggregator(
 
 def gram_aggregator(
     name: str,
+    num_tasks: int,
     init_fn: Callable[[Any], Any],
     weight_fn: GramWeightFn,
     *,
-    weight_task_specific: bool = False,
-    **kwargs: Any,
+    shared: tree_lib.MaskOrFn = None,
+    needs_losses: bool = False,
+    needs_positive: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """A balancer of the form d = sum_i w_i g_i with w computed from the Gram matrix G G^T.
+  """A balancer d = sum_i w_i g_i with w computed from the Gram matrix M = G G^T of the rows.
 
-  The Gram matrix is a sum of per-leaf contractions over the shared leaves. With
-  `weight_task_specific`, task-specific leaves get sum_i w_i row_i instead of the sum.
+  One definition for the three paths: on stacked or representation rows M is a sum of
+  per-leaf contractions over the shared leaves and d is formed from the rows; on the Gram-only
+  path (`GramRows`) M comes from the path and the weights go back to it. The weights used are
+  kept in the state (`GramBalancerState.weights`, `optax.tree.get(state, "weights")`).
+
+  Args:
+    name: used in error messages.
+    num_tasks: K.
+    init_fn: `params -> state` of the method (`GramBalancerState.inner`).
+    weight_fn: `(M, state, losses) -> (w, v, state)`: shared leaves get sum_i w_i row_i,
+      task-specific leaves sum_i v_i row_i (v None: the plain sum).
+    shared, needs_losses, needs_positive: as for `aggregator`.
   """
-  def aggregate(shared_rows, state, losses, params):
-    del params
-    weights, state = weight_fn(tree_lib.gram(shared_rows), state, losses)
-    out = tree_lib.combine(weights, shared_rows)
-    return out, (weights if weight_task_specific else None), state
-  return aggregator(name, init_fn, aggregate, **kwargs)
+  check_positive_int(num_tasks, f"{name}: num_tasks")
+
+  def init(params):
+    return GramBalancerState(jnp.ones((num_tasks,), jnp.float32), init_fn(params))
+
+  def update(updates, state, params=None, *, losses=None, **extra_args):
+    del extra_args
+    k = tree_lib.num_tasks(updates, num_tasks, name)
+    if needs_losses or losses is not None:
+      losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
+    mask = tree_lib.rows_mask(shared, updates, params)
+    if isinstance(updates, GramRows):
+      weights, specific_weights, inner = weight_fn(updates.gram(mask), state.inner, losses)
+      out = updates.combine(weights, specific_weights, mask)
+    else:
+      shared_rows, specific_rows = tree_lib.split(updates, mask)
+      weights, specific_weights, inner = weight_fn(tree_lib.gram(shared_rows), state.inner,
+                                                   losses)
+      if specific_weights is None:
+        specific_weights = jnp.ones_like(weights)
+      out = tree_lib.merge(tree_lib.combine(weights, shared_rows),
+                           tree_lib.combine(specific_weights, specific_rows), mask)
+    return out, GramBalancerState(weights.astype(state.weights.dtype), inner)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def clip_weights(weights: jax.Array, gram: jax.Array, max_norm: float) -> jax.Array:
+  """w scaled so that ||sum_i w_i g_i|| = sqrt(w^T M w) <= max_norm (<= 0: unchanged)."""
+  if max_norm <= 0:
+    return weights
+  norm = jnp.sqrt(jnp.maximum(weights @ gram @ weights, 0.0))
+  return weights * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
 
 
 def shared_zeros(params: Any, num_tasks: int, shared: tree_lib.MaskOrFn) -> Any:
@@ -96,6 +153,8 @@ def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransform
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
     k = tree_lib.num_tasks(updates, name=name)
+    if isinstance(updates, GramRows):
+      return updates.combine(jnp.full((k,), scale(k), updates.coef.dtype), None, None), state
     return jax.tree.map(lambda x: x.sum(0) * scale(k), updates), state
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 

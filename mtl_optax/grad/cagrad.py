@@ -43,7 +43,29 @@ def ball_weights(
   return d * k if scale_by_num_tasks else d
 
 
+def cagrad_weights(
+    gram: jax.Array,
+    c: float = 0.4,
+    *,
+    rescale: int = 1,
+    scale_by_num_tasks: bool = True,
+    max_iter: int = 500,
+    tol: float = 1e-7,
+) -> jax.Array:
+  """CAGrad's weights: d = g0 + c ||g0|| g_w / ||g_w|| with w = argmin_{simplex}
+  g_w . g0 + c ||g0|| ||g_w|| (Liu et al. 2021a, Eq. 9), as weights on the rows."""
+  k = gram.shape[0]
+  m = unit_gram(gram)
+  radius = c * jnp.sqrt(jnp.maximum(jnp.mean(m), 0.0) + 1e-8) + 1e-8
+  mean_row = jnp.mean(m, axis=1)
+  objective = lambda w: w @ mean_row + radius * combined_norm(w, m)
+  w = solvers.simplex_minimize(objective, jnp.full((k,), 1.0 / k, m.dtype),
+                               max_iter=max_iter, tol=tol)
+  return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks)
+
+
 def cagrad(
+    num_tasks: int,
     c: float = 0.4,
     *,
     rescale: int = 1,
@@ -60,19 +82,16 @@ def cagrad(
   (`solvers.simplex_minimize`) instead of SLSQP. Defaults: c = 0.4 (the NYUv2 script), rescale
   1 (d / (1 + c^2)), and `scale_by_num_tasks=True`: the authors' code multiplies d by K to
   match the sum of losses (LibMTL does not: pass False). The epsilons act on M / (trace/K), a
-  scale-free deviation from the reference. Task-specific leaves get the plain sum.
+  scale-free deviation from the reference. Task-specific leaves get the plain sum. The
+  weights are `cagrad_weights`.
   """
   check_rescale(rescale, "cagrad")
 
   def weights(m, state, losses):
     del losses
-    k = m.shape[0]
-    m = unit_gram(m)
-    radius = c * jnp.sqrt(jnp.maximum(jnp.mean(m), 0.0) + 1e-8) + 1e-8
-    mean_row = jnp.mean(m, axis=1)
-    objective = lambda w: w @ mean_row + radius * combined_norm(w, m)
-    w = solvers.simplex_minimize(objective, jnp.full((k,), 1.0 / k, m.dtype),
-                                 max_iter=max_iter, tol=tol)
-    return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks), state
+    w = cagrad_weights(m, c, rescale=rescale, scale_by_num_tasks=scale_by_num_tasks,
+                       max_iter=max_iter, tol=tol)
+    return w, None, state
 
-  return gram_aggregator("cagrad", lambda params: optax.EmptyState(), weights, shared=shared)
+  return gram_aggregator("cagrad", num_tasks, lambda params: optax.EmptyState(), weights,
+                         shared=shared)

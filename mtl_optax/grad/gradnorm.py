@@ -16,7 +16,7 @@ _MIN_WEIGHT = 1e-8  # weights are floored here before renormalizing, so they sta
 
 
 class GradNormState(NamedTuple):
-  weights: jax.Array          # (K,) the loss weights w_i, summing to K
+  loss_weights: jax.Array     # (K,) the loss weights w_i for the next step, summing to K
   initial_losses: jax.Array   # (K,) L_i(0), recorded at the first step
   count: jax.Array            # steps taken
   opt_state: optax.OptState   # the inner optimizer's state for w
@@ -60,12 +60,12 @@ def gradnorm(num_tasks: int, alpha: float = 1.5,
   def update_weights(gram, state, losses):
     losses = positive(losses)
     initial = jnp.where(state.count == 0, losses, state.initial_losses)
-    grad = gradnorm_grad(state.weights, jnp.diag(gram), losses / initial, alpha)
-    step, opt_state = optimizer.update(grad, state.opt_state, state.weights)
-    new = jnp.maximum(optax.apply_updates(state.weights, step), _MIN_WEIGHT)
+    w = state.loss_weights
+    grad = gradnorm_grad(w, jnp.diag(gram), losses / initial, alpha)
+    step, opt_state = optimizer.update(grad, state.opt_state, w)
+    new = jnp.maximum(optax.apply_updates(w, step), _MIN_WEIGHT)
     new = num_tasks * new / new.sum()
-    return state.weights, GradNormState(new, initial, state.count + 1, opt_state)
+    return w, w, GradNormState(new, initial, state.count + 1, opt_state)
 
-  return gram_aggregator("gradnorm", init, update_weights, weight_task_specific=True,
-                         shared=shared, num_tasks=num_tasks, needs_losses=True,
-                         needs_positive=True)
+  return gram_aggregator("gradnorm", num_tasks, init, update_weights, shared=shared,
+                         needs_losses=True, needs_positive=True)

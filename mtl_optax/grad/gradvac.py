@@ -11,7 +11,6 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
 from mtl_optax.grad.pcgrad import task_orders
-from mtl_optax.loss.base import check_positive_int
 from mtl_optax.loss.random import as_key
 
 _EPS = 1e-8  # the reference's guard in both denominators (LibMTL GradVac)
@@ -55,15 +54,14 @@ def gradvac_weights(gram: jax.Array, target: jax.Array, orders: jax.Array,
   return coef.sum(0), target
 
 
-def gradvac(num_tasks: int, key: jax.Array | int, beta: float = 0.5, *,
+def gradvac(num_tasks: int, beta: float = 0.5, *, key: jax.Array | int,
             shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
   """GradVac: raise each pair's gradient cosine to an EMA target, then sum.
 
   Wang et al. 2021, Alg. 1, in LibMTL's form: beta = 0.5, targets start at 0, one group (all
   shared parameters; LibMTL's `GradVac_group_type=0`), a fresh random order per task every
-  step. Task-specific leaves get the plain sum of their rows.
+  step (weights `gradvac_weights`). Task-specific leaves get the plain sum of their rows.
   """
-  check_positive_int(num_tasks, "gradvac: num_tasks")
 
   def init(params):
     del params
@@ -73,6 +71,6 @@ def gradvac(num_tasks: int, key: jax.Array | int, beta: float = 0.5, *,
     del losses
     key, sub = jax.random.split(state.key)
     w, target = gradvac_weights(gram, state.target, task_orders(sub, num_tasks), beta)
-    return w, GradVacState(key, target)
+    return w, None, GradVacState(key, target)
 
-  return gram_aggregator("gradvac", init, weights, shared=shared, num_tasks=num_tasks)
+  return gram_aggregator("gradvac", num_tasks, init, weights, shared=shared)

@@ -28,7 +28,38 @@ def imbalance_cos(m: jax.Array) -> jax.Array:
   return (w_m @ jnp.mean(m, axis=1)) / jnp.maximum(g0_norm * gm_norm, 1e-8)
 
 
+def imgrad_weights(
+    gram: jax.Array,
+    c: float = 0.8,
+    *,
+    form: str = "reference",
+    rescale: int = 1,
+    scale_by_num_tasks: bool = True,
+    max_iter: int = 500,
+    tol: float = 1e-7,
+) -> jax.Array:
+  """IMGrad's weights (Zhou et al. 2025, Eqs. 9 and 11, and the reference code's form; see
+  `imgrad`): CAGrad's ball step with the dual objective weighted by cos(g0, g_m)."""
+  k = gram.shape[0]
+  m = unit_gram(gram)
+  mean_row = jnp.mean(m, axis=1)
+  g0_sq = jnp.mean(m)
+  cos = imbalance_cos(m)
+  radius = c * jnp.sqrt(jnp.maximum(g0_sq, 0.0) + 1e-8) + 1e-8
+  objectives = {
+      "reference": lambda w: ((1.5 - cos) * (w @ mean_row)
+                              + cos * radius * combined_norm(w, m)),
+      "paper_eq11": lambda w: (1.0 - cos) * (w @ mean_row) + cos * radius * (w @ m @ w),
+      "paper_eq9": lambda w: ((1.0 - cos) * (w @ mean_row + radius * combined_norm(w, m))
+                              + cos * (w @ m @ w)),
+  }
+  w = solvers.simplex_minimize(objectives[form], jnp.full((k,), 1.0 / k, m.dtype),
+                               max_iter=max_iter, tol=tol)
+  return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks)
+
+
 def imgrad(
+    num_tasks: int,
     c: float = 0.8,
     *,
     form: str = "reference",
@@ -49,8 +80,8 @@ def imgrad(
   Then d = g0 + sqrt(phi) / (||g_w|| + 1e-8) g_w, rescaled as in `cagrad` (rescale 1:
   d / (1 + c^2), then times K as the reference does). c = 0.8 is the reference's NYUv2 script.
   All terms are computed on M / (trace/K), which also fixes the scale of the paper forms (they
-  mix g^2 and g^3 terms). The Nash-MTL variant (Eq. 13) is `imgrad_nash`. Task-specific
-  leaves get the plain sum.
+  mix g^2 and g^3 terms). The weights are `imgrad_weights`; the Nash-MTL variant (Eq. 13) is
+  `imgrad_nash`. Task-specific leaves get the plain sum.
   """
   if form not in FORMS:
     raise ValueError(f"imgrad: form must be one of {FORMS}, got {form!r}.")
@@ -58,24 +89,20 @@ def imgrad(
 
   def weights(m, state, losses):
     del losses
-    k = m.shape[0]
-    m = unit_gram(m)
-    mean_row = jnp.mean(m, axis=1)
-    g0_sq = jnp.mean(m)
-    cos = imbalance_cos(m)
-    radius = c * jnp.sqrt(jnp.maximum(g0_sq, 0.0) + 1e-8) + 1e-8
-    objectives = {
-        "reference": lambda w: ((1.5 - cos) * (w @ mean_row)
-                                + cos * radius * combined_norm(w, m)),
-        "paper_eq11": lambda w: (1.0 - cos) * (w @ mean_row) + cos * radius * (w @ m @ w),
-        "paper_eq9": lambda w: ((1.0 - cos) * (w @ mean_row + radius * combined_norm(w, m))
-                                + cos * (w @ m @ w)),
-    }
-    w = solvers.simplex_minimize(objectives[form], jnp.full((k,), 1.0 / k, m.dtype),
-                                 max_iter=max_iter, tol=tol)
-    return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks), state
+    w = imgrad_weights(m, c, form=form, rescale=rescale, scale_by_num_tasks=scale_by_num_tasks,
+                       max_iter=max_iter, tol=tol)
+    return w, None, state
 
-  return gram_aggregator("imgrad", lambda params: optax.EmptyState(), weights, shared=shared)
+  return gram_aggregator("imgrad", num_tasks, lambda params: optax.EmptyState(), weights,
+                         shared=shared)
+
+
+def imgrad_nash_weights(gram: jax.Array, prev: jax.Array, *, optim_niter: int = 20,
+                        tol: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+  """IMGrad-Nash's alpha (Zhou et al. 2025, Eq. 13; see `imgrad_nash`) from the previous alpha,
+  and per task whether it was found."""
+  return solvers.imbalance_nash_weights(gram, imbalance_cos(gram), prev, max_iter=optim_niter,
+                                        tol=tol)
 
 
 def imgrad_nash(
@@ -97,11 +124,11 @@ def imgrad_nash(
   As `nash_mtl`: up to `optim_niter` CCP steps from the previous alpha (stop at relative change
   < `tol`), the previous alpha kept on failure (per task for zero rows), weights recomputed
   every `update_weights_every` steps, the shared part clipped to global norm `max_norm`
-  (<= 0: none), and task-specific leaves get sum_i alpha_i row_i (unclipped).
+  (<= 0: none), and task-specific leaves get sum_i alpha_i row_i (unclipped). The weights are
+  `imgrad_nash_weights`.
   """
   def solve(m, prev):
-    return solvers.imbalance_nash_weights(m, imbalance_cos(m), prev, max_iter=optim_niter,
-                                          tol=tol)
+    return imgrad_nash_weights(m, prev, optim_niter=optim_niter, tol=tol)
   return nash_aggregator("imgrad_nash", num_tasks, solve,
                          update_weights_every=update_weights_every, optim_niter=optim_niter,
                          max_norm=max_norm, shared=shared)

@@ -33,21 +33,22 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
   return jnp.where(usable, v / jnp.where(usable, total, 1.0), 0.0)
 
 
-def imtl_g(*, shared: tree_lib.MaskOrFn = None,
-           num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def imtl_g(num_tasks: int, *,
+           shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
   """IMTL-G: the combination of the rows, weights summing to 1, with equal projections on all
-  unit rows (Liu et al. 2021, Sec. 3.1). Task-specific leaves get the plain sum of their rows."""
-  return gram_aggregator("imtl_g", lambda params: optax.EmptyState(),
-                         lambda gram, state, losses: (imtl_g_weights(gram), state),
-                         shared=shared, num_tasks=num_tasks)
+  unit rows (Liu et al. 2021, Sec. 3.1; weights `imtl_g_weights`). Task-specific leaves get
+  the plain sum of their rows."""
+  return gram_aggregator("imtl_g", num_tasks, lambda params: optax.EmptyState(),
+                         lambda gram, state, losses: (imtl_g_weights(gram), None, state),
+                         shared=shared)
 
 
 def imtl(num_tasks: int, learning_rate: optax.ScalarOrSchedule = 1e-3, init_scale: float = 0.0,
          *, shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
   """IMTL (Liu et al. 2021, Alg. 1): IMTL-L's learned loss scales, then IMTL-G on the rows.
 
-  `optax.chain(imtl_l(num_tasks, learning_rate, init_scale), imtl_g(shared=shared))`: the
+  `optax.chain(imtl_l(num_tasks, learning_rate, init_scale), imtl_g(num_tasks, shared=shared))`:
   task-specific leaves get the sum of the IMTL-L-scaled rows. Needs `losses`.
   """
   return optax.chain(imtl_l(num_tasks, learning_rate, init_scale),
-                     imtl_g(shared=shared, num_tasks=num_tasks))
+                     imtl_g(num_tasks, shared=shared))

@@ -31,7 +31,27 @@ def row_normalizers(m: jax.Array, losses: jax.Array | None, normalization: str) 
   }[normalization]()
 
 
+def mgda_weights(
+    gram: jax.Array,
+    losses: jax.Array | None = None,
+    *,
+    normalization: str = "none",
+    apply_to: str = "raw",
+    scale_by_num_tasks: bool = False,
+    max_iter: int = 250,
+    tol: float = 1e-7,
+) -> jax.Array:
+  """MGDA's weights: w = argmin_{w in simplex} ||sum_i w_i g_i / n_i||^2 (Sener & Koltun 2018,
+  Eq. 3), divided by n with `apply_to='normalized'`, times K with `scale_by_num_tasks`."""
+  n = row_normalizers(gram, losses, normalization)
+  w = solvers.min_norm_weights(gram / (n[:, None] * n[None, :]), max_iter=max_iter, tol=tol)
+  if apply_to == "normalized":
+    w = w / n
+  return w * gram.shape[0] if scale_by_num_tasks else w
+
+
 def mgda(
+    num_tasks: int,
     normalization: str = "none",
     *,
     apply_to: str = "raw",
@@ -46,12 +66,14 @@ def mgda(
   row normalizers n_i ('none' | 'l2' | 'loss' | 'loss+') are from their code (Sec. 3.2
   mentions them only in passing). The min-norm problem is solved exactly (active set, see
   `solvers.min_norm_weights`) instead of the reference's Frank-Wolfe/projected-gradient loop.
+  On the representation path this is their MGDA-UB (Sec. 3.3).
 
   How w is applied differs between implementations; `apply_to='raw'` (default, the authors'
   code: loss sum_i w_i L_i) gives d = sum_i w_i g_i, `apply_to='normalized'` (LibMTL) gives
   d = sum_i w_i g_i / n_i, and `scale_by_num_tasks=True` (Nash-MTL's code) multiplies by K so
   that the weights sum to K like the plain sum of losses. With no normalization the result
   satisfies g_i . d >= ||d||^2 for every task. Task-specific leaves get the plain sum.
+  The weights are `mgda_weights`.
   """
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"mgda: normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
@@ -60,11 +82,9 @@ def mgda(
   uses_losses = normalization in ("loss", "loss+")
 
   def weights(m, state, losses):
-    n = row_normalizers(m, losses, normalization)
-    w = solvers.min_norm_weights(m / (n[:, None] * n[None, :]), max_iter=max_iter, tol=tol)
-    if apply_to == "normalized":
-      w = w / n
-    return (w * m.shape[0] if scale_by_num_tasks else w), state
+    w = mgda_weights(m, losses, normalization=normalization, apply_to=apply_to,
+                     scale_by_num_tasks=scale_by_num_tasks, max_iter=max_iter, tol=tol)
+    return w, None, state
 
-  return gram_aggregator("mgda", lambda params: optax.EmptyState(), weights, shared=shared,
-                         needs_losses=uses_losses, needs_positive=uses_losses)
+  return gram_aggregator("mgda", num_tasks, lambda params: optax.EmptyState(), weights,
+                         shared=shared, needs_losses=uses_losses, needs_positive=uses_losses)

@@ -11,13 +11,20 @@ import optax
 
 from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import aggregator
+from mtl_optax.grad.base import clip_weights, gram_aggregator
 from mtl_optax.loss.base import check_positive_int
 
 
 class NashMTLState(NamedTuple):
   step: jax.Array   # updates taken
   alpha: jax.Array  # (K,) the last weights (ones at the start, as the reference)
+
+
+def nash_mtl_weights(gram: jax.Array, *, optim_niter: int = 20,
+                     tol: float = 1e-4) -> tuple[jax.Array, jax.Array]:
+  """Nash-MTL's alpha > 0 with alpha_i (M alpha)_i = 1 (Navon et al. 2022, Eq. 5), and per task
+  whether it was found (`solvers.nash_weights`)."""
+  return solvers.nash_weights(gram, max_iter=optim_niter, tol=tol)
 
 
 def nash_mtl(
@@ -34,7 +41,7 @@ def nash_mtl(
   Navon et al. 2022 (Multi-Task Learning as a Bargaining Game), Eq. 5 (G^T G alpha = 1/alpha).
   The reference (AvivNavon/nash-mtl) runs up to 20 convex-concave steps with cvxpy and often
   stops far from that fixed point; here `optim_niter` damped Newton steps on the equivalent
-  convex problem min 1/2 alpha^T M alpha - sum log alpha (`solvers.nash_weights`) reach it to
+  convex problem min 1/2 alpha^T M alpha - sum log alpha (`nash_mtl_weights`) reach it to
   float precision. If they do not reach max_i |alpha_i (M alpha)_i - 1| < `tol`, or a task's
   row is zero, the previous alpha is kept (for that task), as the reference does on failure.
   At the fixed point ||d|| = sqrt(K). As in the reference, the shared part of d is clipped to
@@ -43,7 +50,7 @@ def nash_mtl(
   """
   return nash_aggregator(
       "nash_mtl", num_tasks,
-      lambda m, prev: solvers.nash_weights(m, max_iter=optim_niter, tol=tol),
+      lambda m, prev: nash_mtl_weights(m, optim_niter=optim_niter, tol=tol),
       update_weights_every=update_weights_every, optim_niter=optim_niter, max_norm=max_norm,
       shared=shared)
 
@@ -62,9 +69,9 @@ def nash_aggregator(
 
   The machinery Nash-MTL and its variants share: alpha recomputed every
   `update_weights_every` steps and kept where `ok` is false, the shared part of d clipped to
-  global norm `max_norm` (<= 0: none), task-specific leaves get sum_i alpha_i row_i.
+  global norm `max_norm` (<= 0: none; `clip_weights`), task-specific leaves get
+  sum_i alpha_i row_i.
   """
-  check_positive_int(num_tasks, f"{name}: num_tasks")
   check_positive_int(update_weights_every, f"{name}: update_weights_every")
   check_positive_int(optim_niter, f"{name}: optim_niter")
 
@@ -72,19 +79,15 @@ def nash_aggregator(
     del params
     return NashMTLState(jnp.zeros([], jnp.int32), jnp.ones((num_tasks,), jnp.float32))
 
-  def aggregate(rows, state, losses, params):
-    del losses, params
+  def weights(m, state, losses):
+    del losses
 
     def update_alpha(prev):
-      alpha, ok = solve(tree_lib.gram(rows), prev)
+      alpha, ok = solve(m, prev)
       return jnp.where(ok, alpha, prev).astype(prev.dtype)
 
     alpha = jax.lax.cond(state.step % update_weights_every == 0, update_alpha, lambda prev: prev,
                          state.alpha)
-    out = tree_lib.combine(alpha, rows)
-    if max_norm > 0:
-      factor = jnp.minimum(1.0, max_norm / jnp.maximum(optax.tree.norm(out), 1e-30))
-      out = jax.tree.map(lambda x: x * factor.astype(x.dtype), out)
-    return out, alpha, NashMTLState(state.step + 1, alpha)
+    return clip_weights(alpha, m, max_norm), alpha, NashMTLState(state.step + 1, alpha)
 
-  return aggregator(name, init, aggregate, shared=shared, num_tasks=num_tasks)
+  return gram_aggregator(name, num_tasks, init, weights, shared=shared)

@@ -45,17 +45,17 @@ def pcgrad_weights(gram: jax.Array, orders: jax.Array) -> jax.Array:
   return jax.vmap(row)(jnp.arange(k), orders).sum(0)
 
 
-def pcgrad(key: jax.Array | int, *, shared: tree_lib.MaskOrFn = None,
-           num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def pcgrad(num_tasks: int, *, key: jax.Array | int,
+           shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
   """PCGrad: each task's gradient projected off the ones it conflicts with, then summed.
 
   Yu et al. 2020, Alg. 1, with a fresh random order per task every step (drawn from the key
-  in the state). Task-specific leaves get the plain sum of their rows.
+  in the state; weights `pcgrad_weights`). Task-specific leaves get the plain sum of their rows.
   """
   def weights(gram, state, losses):
     del losses
     key, sub = jax.random.split(state.key)
-    return pcgrad_weights(gram, task_orders(sub, gram.shape[0])), PCGradState(key)
+    return pcgrad_weights(gram, task_orders(sub, gram.shape[0])), None, PCGradState(key)
 
-  return gram_aggregator("pcgrad", lambda params: PCGradState(as_key(key)), weights,
-                         shared=shared, num_tasks=num_tasks)
+  return gram_aggregator("pcgrad", num_tasks, lambda params: PCGradState(as_key(key)), weights,
+                         shared=shared)

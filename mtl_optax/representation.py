@@ -1,0 +1,73 @@
+"""The representation path: per-task gradients with respect to the shared representation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtl_optax import tree as tree_lib
+from mtl_optax.rows import RepresentationRows
+
+Pullback = Callable[[RepresentationRows], Any]
+
+
+def value_and_representation_jacrev(
+    encode: Callable[..., Any],
+    task_losses: Callable[..., Any],
+    *,
+    shared: tree_lib.MaskOrFn,
+    has_aux: bool = False,
+) -> Callable[..., tuple[Any, RepresentationRows, Pullback]]:
+  """Rows of the representation path (Sener & Koltun 2018, Sec. 3.3; LibMTL's `rep_grad`).
+
+  The model is split into `encode(params, *args) -> z` (the shared trunk; z any pytree of float
+  arrays, e.g. `(batch, d)`) and `task_losses(params, z, *args) -> losses[K]` (the heads). The
+  wrapper `f(params, *args)` returns `(losses, rows, pullback)`:
+    rows: `RepresentationRows(z, specific)`, row i holding dL_i/dz and dL_i/d(task-specific
+      params); only the heads are backpropagated K times;
+    pullback: maps a balancer's output on those rows (one row, shaped like `rows` without the
+      task axis) to a full gradient shaped like `params`: one VJP of its z part through the
+      encoder, plus its task-specific part.
+  Any balancer runs on `rows` unchanged, with z shared (build it with `shared=None`; its
+  `init` takes `row_like(rows)`). `shared` marks the encoder's leaves of `params`: `encode`
+  is differentiated with respect to them only and `task_losses` with respect to the others
+  only (and z), so the encoder must not read task-specific parameters nor the heads shared
+  ones. With `has_aux`, `task_losses` returns `(losses, aux)` and `f` `((losses, aux), ...)`.
+  """
+  def wrapped(params, *args):
+    mask = tree_lib.resolve_mask(shared, params)
+    shared_params, specific_params = tree_lib.split(params, mask)
+    z, encode_vjp = jax.vjp(
+        lambda sp: encode(tree_lib.merge(sp, specific_params, mask), *args), shared_params)
+    _check_representation(z)
+    out = jax.vjp(
+        lambda sp, z: task_losses(tree_lib.merge(shared_params, sp, mask), z, *args),
+        specific_params, z, has_aux=has_aux)
+    losses, heads_vjp = out[0], out[1]
+    if jnp.ndim(losses) != 1:
+      raise ValueError("value_and_representation_jacrev: task_losses must return a vector of K "
+                       f"losses, got shape {jnp.shape(losses)}.")
+    specific_rows, z_rows = jax.vmap(heads_vjp)(jnp.eye(losses.shape[0], dtype=losses.dtype))
+    rows = RepresentationRows(z_rows, specific_rows)
+
+    def pullback(update: RepresentationRows) -> Any:
+      expected = jax.tree.structure(rows)
+      if jax.tree.structure(update) != expected:
+        raise ValueError("pullback: expected one row shaped like the representation rows "
+                         f"({expected}), got {jax.tree.structure(update)}.")
+      (shared_grad,) = encode_vjp(update.z)
+      return tree_lib.merge(shared_grad, update.specific, mask)
+
+    return ((losses, out[2]) if has_aux else losses), rows, pullback
+  return wrapped
+
+
+def _check_representation(z: Any) -> None:
+  leaves = jax.tree.leaves(z)
+  if not leaves or not all(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves):
+    raise ValueError("value_and_representation_jacrev: encode must return a non-empty pytree "
+                     "of float arrays (the representation z), got "
+                     f"{jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z)}.")
