@@ -1,11 +1,14 @@
 """The benchmark's method registry: a name -> `(num_tasks, steps_per_epoch, key) -> Links`.
 
 A method is a chain of two links, a reweighter (loss balancer, stacked -> stacked) and an
-aggregator (gradient balancer, stacked -> one gradient). Methods without an aggregator reduce
-by the plain sum and run on the single-backward path (`mtl_optax.value_and_reweighted_grad`);
-the others run on the stacked Jacobian (`mtl_optax.value_and_jacrev`), their aggregator
-getting the `shared` mask of `benchmarks.models.shared_mask` (trunk shared, heads
-task-specific). Gradient balancers and IGBv2 register themselves once `mtl_optax` has them.
+aggregator (gradient balancer, stacked -> one gradient), and the path it runs on. Methods
+without an aggregator reduce by the plain sum and run on the single-backward path
+(`mtl_optax.value_and_reweighted_grad`); the others run on the stacked Jacobian
+(`mtl_optax.value_and_jacrev`), their aggregator getting the `shared` mask of
+`benchmarks.models.shared_mask` (trunk shared, heads task-specific), or, named `<method>_rep`,
+on the representation path (`mtl_optax.value_and_representation_jacrev`: rows are the
+gradients with respect to the trunk's output). Gradient balancers and IGBv2 register
+themselves once `mtl_optax` has them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ Transform = optax.GradientTransformationExtraArgs
 class Links(NamedTuple):
   reweighter: Transform | None  # None: no reweighting
   aggregator: Transform | None  # None: the sum of rows, on the single-backward path
+  path: str = "stacked"         # or "representation" (aggregators only)
 
 
 Factory = Callable[[int, int, jax.Array], Links]
@@ -49,8 +53,9 @@ def _call(name: str, **available: Any) -> Transform:
   return fn(**{n: v for n, v in available.items() if n in params})
 
 
-def _aggregator(name: str, k: int, spe: int, key: jax.Array) -> Transform:
-  return _call(name, num_tasks=k, steps_per_epoch=spe, key=key, shared=shared_mask)
+def _aggregator(name: str, k: int, spe: int, key: jax.Array, path: str) -> Transform:
+  shared = shared_mask if path == "stacked" else None
+  return _call(name, num_tasks=k, steps_per_epoch=spe, key=key, shared=shared)
 
 
 LOSS_BALANCERS: dict[str, Factory] = {
@@ -68,21 +73,45 @@ GRADIENT_BALANCERS = ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned
                       "imgrad_nash")
 # IGB Alg. 3: IGBv2's rows aggregated by a gradient balancer (the fusions its paper reports).
 IGB_V2_FUSIONS = ("mgda", "pcgrad", "nash_mtl")
+# Also in the registry on the representation path, as `<name>_rep`.
+REPRESENTATION = ("mgda", "cagrad", "nash_mtl", "imgrad", "db_mtl", "igb_v1+nash_mtl")
 
 
 def _igb_v2(k: int, spe: int, key: jax.Array) -> Transform:
   return mtl_optax.igb_v2(k, spe, key=key)
 
 
-def _gradient(name: str) -> Factory:
-  return lambda k, spe, key: Links(None, _aggregator(name, k, spe, key))
+def _gradient(name: str, path: str) -> Factory:
+  return lambda k, spe, key: Links(None, _aggregator(name, k, spe, key, path), path)
 
 
-def _fusion(name: str) -> Factory:
+def _db_mtl_decay(path: str) -> Factory:
+  # DB-MTL with beta_k = 0.9 / sqrt(k), from its paper's grid (beta_sigma in {0, 0.5}); the
+  # default (LibMTL's constant beta = 0.9) trains badly on our benchmarks (see README).
+  shared = shared_mask if path == "stacked" else None
+  return lambda k, spe, key: Links(None, mtl_optax.db_mtl(k, beta_sigma=0.5, shared=shared), path)
+
+
+def _igb_v1_fusion(name: str, path: str) -> Factory:
+  return lambda k, spe, key: Links(mtl_optax.igb_v1(k, spe),
+                                   _aggregator(name, k, spe, key, path), path)
+
+
+def _igb_v2_fusion(name: str, path: str) -> Factory:
   def make(k, spe, key):
     k1, k2 = jax.random.split(key)
-    return Links(_igb_v2(k, spe, k1), _aggregator(name, k, spe, k2))
+    return Links(_igb_v2(k, spe, k1), _aggregator(name, k, spe, k2, path), path)
   return make
+
+
+def gradient_methods(path: str = "stacked") -> dict[str, Factory]:
+  """Every method with a gradient balancer, built for `path` ('stacked' or 'representation')."""
+  out = {n: _gradient(n, path) for n in GRADIENT_BALANCERS if hasattr(mtl_optax, n)}
+  out["db_mtl_decay"] = _db_mtl_decay(path)
+  if hasattr(mtl_optax, "igb_v2"):
+    out.update({f"igb_v2+{n}": _igb_v2_fusion(n, path) for n in IGB_V2_FUSIONS})
+  out["igb_v1+nash_mtl"] = _igb_v1_fusion("nash_mtl", path)
+  return out
 
 
 def registry() -> dict[str, Factory]:
@@ -90,13 +119,9 @@ def registry() -> dict[str, Factory]:
   methods = dict(LOSS_BALANCERS)
   if hasattr(mtl_optax, "igb_v2"):
     methods["igb_v2"] = lambda k, spe, key: Links(_igb_v2(k, spe, key), None)
-  methods.update({n: _gradient(n) for n in GRADIENT_BALANCERS if hasattr(mtl_optax, n)})
-  # DB-MTL with beta_k = 0.9 / sqrt(k), from its paper's grid (beta_sigma in {0, 0.5}); the
-  # default (LibMTL's constant beta = 0.9) trains badly on our benchmarks (see README).
-  methods["db_mtl_decay"] = lambda k, spe, key: Links(
-      None, mtl_optax.db_mtl(k, beta_sigma=0.5, shared=shared_mask))
-  if hasattr(mtl_optax, "igb_v2"):
-    methods.update({f"igb_v2+{n}": _fusion(n) for n in IGB_V2_FUSIONS if hasattr(mtl_optax, n)})
+  methods.update(gradient_methods())
+  representation = gradient_methods("representation")
+  methods.update({f"{n}_rep": representation[n] for n in REPRESENTATION})
   return methods
 
 

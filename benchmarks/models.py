@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -53,6 +53,19 @@ class MultiHead(nn.Module):
     kernel = self.param("head_kernel", nn.initializers.lecun_normal(batch_axis=(0,)), shape)
     bias = self.param("head_bias", nn.initializers.zeros, (self.num_tasks, self.num_outputs))
     return jnp.einsum("bh,kho->kbo", h, kernel) + bias[:, None]
+
+
+def representation_split(model: MultiHead) -> tuple[Callable, Callable]:
+  """`(encode, heads)` of the representation path: `encode(variables, x) -> z = trunk(x)`,
+  `heads(variables, z) -> (K, batch, out)`, so that `heads(v, encode(v, x)) = model.apply(v, x)`."""
+  def encode(variables, x):
+    return model.trunk.apply({"params": variables["params"][TRUNK]}, x)
+
+  def heads(variables, z):
+    p = variables["params"]
+    return jnp.einsum("bh,kho->kbo", z, p["head_kernel"]) + p["head_bias"][:, None]
+
+  return encode, heads
 
 
 def shared_mask(params: optax.Params) -> optax.Params:

@@ -91,6 +91,10 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
   spe = n // batch_size
   task = task_losses(ds.kind)
   loss_fn = lambda p, w, xb, yb: w * task(model.apply(p, xb), yb)  # noqa: E731
+  encode, heads = models.representation_split(model)
+  rep_fn = mtl_optax.value_and_representation_jacrev(
+      lambda p, w, xb, yb: encode(p, xb),
+      lambda p, z, w, xb, yb: w * task(heads(p, z), yb), shared=models.shared_mask)
   adam = optax.adam(lr)
 
   def balancer(links):
@@ -102,7 +106,11 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
     k_init, k_method, k_data = jax.random.split(key, 3)
     params = model.init(k_init, x[:1])
     links = factory(k, spe, k_method)
-    return RunState(params, balancer(links).init(params), adam.init(params), k_method, k_data,
+    like = params
+    if links.path == "representation":  # the balancer's state lives in z-space
+      rows = jax.eval_shape(lambda: rep_fn(params, weights, x[:batch_size], y[:batch_size])[1])
+      like = jax.tree.map(lambda r: jnp.zeros(r.shape[1:], r.dtype), rows)
+    return RunState(params, balancer(links).init(like), adam.init(params), k_method, k_data,
                     weights)
 
   def step(state, idx, x, y):
@@ -111,6 +119,10 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
     if links.aggregator is None:
       grad_fn = mtl_optax.value_and_reweighted_grad(loss_fn, balancer(links))
       (losses, grad), bal = grad_fn(state.params, state.balancer, state.task_weights, xb, yb)
+    elif links.path == "representation":
+      losses, rows, pullback = rep_fn(state.params, state.task_weights, xb, yb)
+      out, bal = balancer(links).update(rows, state.balancer, losses=losses)
+      grad = pullback(out)
     else:
       losses, jac = mtl_optax.value_and_jacrev(loss_fn)(state.params, state.task_weights, xb, yb)
       grad, bal = balancer(links).update(jac, state.balancer, state.params, losses=losses)

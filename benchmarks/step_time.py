@@ -7,9 +7,13 @@ and each reports its median; ratios are against a baseline timed in the same rou
   1. loss balancers on the single-backward path vs plain equal weighting (grad of sum L_i),
   2. the stacked-Jacobian path of each loss balancer vs its single-backward path,
   3. gradient balancers on the stacked Jacobian vs the plain stacked sum (`sum_tasks`),
-     for K = 3, 11 and 40 tasks.
+     for K = 3, 11 and 40 tasks;
+  4. every gradient balancer on the representation path vs single-backward equal weighting,
+     on the QM9 benchmark's model (descriptor MLP, 3 x 256, K = 11, batch 128) and the same
+     model with K = 40 heads;
+  5. the Gram-only path vs the stacked path on an MLP of six 512-wide layers, K = 3, 11, 40.
 
-  python benchmarks/step_time.py [--rounds 7] [--out benchmarks/results/step_time.md]
+  python benchmarks/step_time.py [--rounds 7] [--sections loss grad rep gram] [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import mtl_optax  # noqa: E402
 import quickstart  # noqa: E402
-from benchmarks import methods  # noqa: E402
+from benchmarks import methods, models  # noqa: E402
 
 STEPS = 50
 WARMUP = 100  # 10 epochs of STEPS_PER_EPOCH
@@ -63,15 +67,15 @@ def _problem(num_tasks: int):
   return params, x, y
 
 
-def _compiled(step: Callable, carry) -> Callable[[], None]:
+def _compiled(step: Callable, carry, steps: int = STEPS) -> Callable[[], None]:
   """A zero-argument callable running STEPS steps of `step` in one compiled scan.
 
   The state is first advanced by WARMUP steps, so the timed window is steady-state training
   (past every balancer's warm-up epochs; IGBv2 acts with its agent and trains it once).
   """
-  run = jax.jit(lambda c: jax.lax.scan(lambda c, _: (step(c), None), c, None, length=STEPS)[0])
+  run = jax.jit(lambda c: jax.lax.scan(lambda c, _: (step(c), None), c, None, length=steps)[0])
   run = run.lower(carry).compile()
-  for _ in range(WARMUP // STEPS):
+  for _ in range(max(1, WARMUP // STEPS if steps == STEPS else 1)):
     carry = run(carry)
   jax.block_until_ready(carry)
   return lambda: jax.block_until_ready(run(carry))
@@ -121,14 +125,80 @@ def stacked(num_tasks: int, balancer: optax.GradientTransformation) -> Callable[
   return _compiled(step, (params, tx.init(params)))
 
 
-def median_times(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+class FlaxProblem:
+  """A benchmark model (`benchmarks.models`: MLP trunk, K linear heads) on random data."""
+
+  def __init__(self, num_tasks: int, hidden: int, depth: int, d_in: int, batch: int):
+    self.model = models.build("mlp", num_tasks, 1, hidden, depth)
+    kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
+    self.x = jax.random.normal(kx, (batch, d_in))
+    self.y = jax.random.normal(ky, (batch, num_tasks))
+    self.params = self.model.init(kp, self.x[:1])
+    self.encode, self.heads = models.representation_split(self.model)
+
+  def losses(self, params, x, y):
+    return jnp.mean((self.model.apply(params, x)[..., 0] - y.T) ** 2, axis=1)
+
+  def head_losses(self, params, z, x, y):
+    del x
+    return jnp.mean((self.heads(params, z)[..., 0] - y.T) ** 2, axis=1)
+
+  def _adam_step(self, grad_and_state: Callable) -> Callable:
+    opt = optax.adam(1e-3)
+
+    def step(carry):
+      params, b_state, opt_state = carry
+      grad, b_state = grad_and_state(params, b_state)
+      updates, opt_state = opt.update(grad, opt_state, params)
+      return optax.apply_updates(params, updates), b_state, opt_state
+    return step, opt
+
+  def step(self, path: str, balancer: optax.GradientTransformation | None = None,
+           chunk_size: int = 4) -> tuple[Callable, tuple]:
+    """`(step, carry)`: one training step with Adam on `path`:
+    'ew' (grad of sum_i L_i), 'stacked', 'gram' (Gram-only) or 'representation'."""
+    x, y = self.x, self.y
+    if path == "ew":
+      grad_fn = jax.grad(lambda p: self.losses(p, x, y).sum())
+      fn = lambda p, s: (grad_fn(p), s)  # noqa: E731
+      like = None
+    elif path == "stacked":
+      jac_fn = mtl_optax.value_and_jacrev(self.losses)
+
+      def fn(p, s):
+        losses, jac = jac_fn(p, x, y)
+        return balancer.update(jac, s, p, losses=losses)
+      like = self.params
+    elif path == "gram":
+      grad_fn = mtl_optax.value_and_reweighted_grad(self.losses, balancer, chunk_size=chunk_size)
+
+      def fn(p, s):
+        (_, grad), s = grad_fn(p, s, x, y)
+        return grad, s
+      like = self.params
+    else:
+      rep = mtl_optax.value_and_representation_jacrev(
+          lambda p, x, y: self.encode(p, x), self.head_losses, shared=models.shared_mask)
+
+      def fn(p, s):
+        losses, rows, pullback = rep(p, x, y)
+        out, s = balancer.update(rows, s, losses=losses)
+        return pullback(out), s
+      like = mtl_optax.row_like(rep(self.params, x, y)[1])
+    step, opt = self._adam_step(fn)
+    state = balancer.init(like) if balancer is not None else None
+    return step, (self.params, state, opt.init(self.params))
+
+
+def median_times(runs: dict[str, Callable[[], None]], rounds: int,
+                 steps: int = STEPS) -> dict[str, float]:
   """Median seconds per step of each run, timed in interleaved rounds."""
   samples: dict[str, list[float]] = {name: [] for name in runs}
   for _ in range(rounds):
     for name, run in runs.items():
       start = time.perf_counter()
       run()
-      samples[name].append((time.perf_counter() - start) / STEPS)
+      samples[name].append((time.perf_counter() - start) / steps)
   return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -173,18 +243,71 @@ def gradient_balancer_table(rounds: int, task_counts: tuple[int, ...]) -> str:
   return "### Gradient balancers on the stacked Jacobian\n\n" + _table(["method"] + columns, rows)
 
 
+def representation_table(rounds: int, task_counts: tuple[int, ...] = (11, 40)) -> str:
+  """Representation path vs single-backward EW on the QM9 benchmark's model."""
+  results = {}
+  for k in task_counts:
+    problem = FlaxProblem(k, hidden=256, depth=3, d_in=274, batch=128)
+    runs = {"EW (single-backward)": _compiled(*problem.step("ew"))}
+    for name, factory in methods.gradient_methods("representation").items():
+      balancer = methods.chain(factory(k, STEPS_PER_EPOCH, jax.random.PRNGKey(0)))
+      runs[name] = _compiled(*problem.step("representation", balancer))
+    results[k] = median_times(runs, rounds)
+  rows = []
+  for name in results[task_counts[0]]:
+    row = [name]
+    for k in task_counts:
+      t = results[k]
+      row += [f"{1e3 * t[name]:.3f}", f"{t[name] / t['EW (single-backward)']:.2f}"]
+    rows.append(row)
+  columns = [c for k in task_counts for c in (f"K={k} ms/step", f"K={k} vs EW")]
+  return ("### Gradient balancers on the representation path (QM9 model: MLP 274-256-256-256, "
+          "batch 128)\n\n" + _table(["method"] + columns, rows))
+
+
+GRAM_METHODS = ("sum_tasks", "mgda", "nash_mtl", "upgrad", "igb_v1+nash_mtl")
+
+
+def _gram_balancer(name: str, num_tasks: int) -> optax.GradientTransformation:
+  if name == "sum_tasks":
+    return mtl_optax.sum_tasks()
+  return methods.chain(methods.registry()[name](num_tasks, STEPS_PER_EPOCH, jax.random.PRNGKey(0)))
+
+
+def gram_table(rounds: int, task_counts: tuple[int, ...] = (3, 11, 40)) -> str:
+  """Gram-only path vs stacked path, on an MLP of six 512-wide layers (batch 64)."""
+  rows = []
+  for k in task_counts:
+    problem = FlaxProblem(k, hidden=512, depth=6, d_in=512, batch=64)
+    runs = {}
+    for name in GRAM_METHODS:
+      runs[name] = _compiled(*problem.step("stacked", _gram_balancer(name, k)), steps=5)
+      runs[name + " (gram)"] = _compiled(*problem.step("gram", _gram_balancer(name, k)), steps=5)
+    t = median_times(runs, rounds, steps=5)
+    rows += [[str(k), name, f"{1e3 * t[name]:.1f}", f"{1e3 * t[name + ' (gram)']:.1f}",
+              f"{t[name + ' (gram)'] / t[name]:.2f}"] for name in GRAM_METHODS]
+  return ("### Gram-only path vs stacked path (MLP of six 512-wide layers, batch 64, "
+          "chunk_size 4; 5 steps per timing)\n\n"
+          + _table(["K", "method", "stacked ms/step", "Gram-only ms/step", "Gram-only vs stacked"],
+                   rows))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--tasks", type=int, nargs="+", default=[3, 11, 40])
+  parser.add_argument("--sections", nargs="+", default=["loss", "grad", "rep", "gram"],
+                      choices=["loss", "grad", "rep", "gram"])
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args()
   report = "\n\n".join([
       f"Device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
       f"jax {jax.__version__}; {STEPS} steps per timing, batch {BATCH}, median of "
       f"{args.rounds} interleaved rounds.",
-      loss_balancer_tables(args.rounds),
-      gradient_balancer_table(args.rounds, tuple(args.tasks)),
+      *[{"loss": lambda: loss_balancer_tables(args.rounds),
+         "grad": lambda: gradient_balancer_table(args.rounds, tuple(args.tasks)),
+         "rep": lambda: representation_table(args.rounds),
+         "gram": lambda: gram_table(args.rounds)}[s]() for s in args.sections],
       "Command: `python benchmarks/step_time.py " + " ".join(sys.argv[1:]) + "`",
   ])
   print(report)
