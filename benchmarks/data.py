@@ -186,7 +186,7 @@ def _qm9_arrays(limit: int | None) -> tuple[np.ndarray, np.ndarray, str]:
   """Descriptors and targets of the first `limit` molecules (all: cached on disk)."""
   data_dir = _package_dir("qm9pack", QM9_INSTALL) / "data"
   version = importlib.metadata.version("qm9pack")
-  source = f"qm9pack {version} ({data_dir})"
+  source = f"qm9pack {version}"
   if limit is not None:
     elem, xyz, targets = _parse_qm9_csvs(data_dir, limit)
     return qm9_descriptors(elem, xyz), targets, source
@@ -303,7 +303,7 @@ def load_multifashion(max_train: int | None = None, max_eval: int | None = None,
       test=overlay_pairs(x_test, y_test, p_test, np.arange(len(x_test))[:max_eval]),
       task_names=("left", "right"),
       kind="multiclass", num_outputs=10, metric="accuracy", higher_is_better=True,
-      target_scale=np.ones(2, np.float32), source=f"Debian dataset-fashion-mnist ({FASHION_DIR})")
+      target_scale=np.ones(2, np.float32), source="Debian dataset-fashion-mnist")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def load_yeast(max_train: int | None = None, max_eval: int | None = None) -> Dat
       task_names=tuple(f"c{i}" for i in range(1, 15)),
       kind="binary", num_outputs=1, metric="accuracy", higher_is_better=True,
       target_scale=np.ones(14, np.float32),
-      source=f"river {importlib.metadata.version('river')} ({path})")
+      source=f"river {importlib.metadata.version('river')} (Yeast)")
 
 
 LOADERS = {"qm9": load_qm9, "multifashion": load_multifashion, "yeast": load_yeast}

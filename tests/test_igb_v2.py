@@ -157,7 +157,7 @@ def _igb(key=0):
 def _norm_rule(gram, state, losses):
   """A small Gram weight rule: w_i = 1 / ||g_i|| (unit-norm rows)."""
   del losses
-  return 1.0 / (jnp.sqrt(jnp.diag(gram)) + 1e-8), state
+  return 1.0 / (jnp.sqrt(jnp.diag(gram)) + 1e-8), None, state
 
 
 def _norm_rule_numpy(rows):
@@ -168,7 +168,7 @@ def _norm_rule_numpy(rows):
 # balancer (e.g. mtl_optax.nash_mtl), give its factory and a reference for its combination.
 AGGREGATORS = {
     "sum": (mtl_optax.sum_tasks, lambda rows: rows.sum(0)),
-    "norm": (lambda: mtl_optax.gram_aggregator("norm", lambda p: optax.EmptyState(),
+    "norm": (lambda: mtl_optax.gram_aggregator("norm", K, lambda p: optax.EmptyState(),
                                                _norm_rule, shared=SHARED),
              _norm_rule_numpy),
 }
