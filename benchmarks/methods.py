@@ -53,9 +53,13 @@ def _call(name: str, **available: Any) -> Transform:
   return fn(**{n: v for n, v in available.items() if n in params})
 
 
+def _shared(path: str):
+  """The aggregators' mask: trunk shared on the stacked path; z shared (None) on the other."""
+  return shared_mask if path == "stacked" else None
+
+
 def _aggregator(name: str, k: int, spe: int, key: jax.Array, path: str) -> Transform:
-  shared = shared_mask if path == "stacked" else None
-  return _call(name, num_tasks=k, steps_per_epoch=spe, key=key, shared=shared)
+  return _call(name, num_tasks=k, steps_per_epoch=spe, key=key, shared=_shared(path))
 
 
 LOSS_BALANCERS: dict[str, Factory] = {
@@ -88,8 +92,8 @@ def _gradient(name: str, path: str) -> Factory:
 def _db_mtl_decay(path: str) -> Factory:
   # DB-MTL with beta_k = 0.9 / sqrt(k), from its paper's grid (beta_sigma in {0, 0.5}); the
   # default (LibMTL's constant beta = 0.9) trains badly on our benchmarks (see README).
-  shared = shared_mask if path == "stacked" else None
-  return lambda k, spe, key: Links(None, mtl_optax.db_mtl(k, beta_sigma=0.5, shared=shared), path)
+  return lambda k, spe, key: Links(
+      None, mtl_optax.db_mtl(k, beta_sigma=0.5, shared=_shared(path)), path)
 
 
 def _igb_v1_fusion(name: str, path: str) -> Factory:

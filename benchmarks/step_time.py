@@ -67,15 +67,17 @@ def _problem(num_tasks: int):
   return params, x, y
 
 
-def _compiled(step: Callable, carry, steps: int = STEPS) -> Callable[[], None]:
-  """A zero-argument callable running STEPS steps of `step` in one compiled scan.
+def _compiled(step: Callable, carry, steps: int = STEPS,
+              warmup_steps: int = WARMUP) -> Callable[[], None]:
+  """A zero-argument callable running `steps` steps of `step` in one compiled scan.
 
-  The state is first advanced by WARMUP steps, so the timed window is steady-state training
-  (past every balancer's warm-up epochs; IGBv2 acts with its agent and trains it once).
+  The state is first advanced by `warmup_steps` (at least one run of `steps`); the default
+  WARMUP makes the timed window steady-state training (past every balancer's warm-up epochs;
+  IGBv2 acts with its agent and trains it once).
   """
   run = jax.jit(lambda c: jax.lax.scan(lambda c, _: (step(c), None), c, None, length=steps)[0])
   run = run.lower(carry).compile()
-  for _ in range(max(1, WARMUP // STEPS if steps == STEPS else 1)):
+  for _ in range(max(1, warmup_steps // steps)):
     carry = run(carry)
   jax.block_until_ready(carry)
   return lambda: jax.block_until_ready(run(carry))
@@ -137,7 +139,7 @@ class FlaxProblem:
     self.encode, self.heads = models.representation_split(self.model)
 
   def losses(self, params, x, y):
-    return jnp.mean((self.model.apply(params, x)[..., 0] - y.T) ** 2, axis=1)
+    return self.head_losses(params, self.encode(params, x), x, y)
 
   def head_losses(self, params, z, x, y):
     del x
@@ -281,8 +283,9 @@ def gram_table(rounds: int, task_counts: tuple[int, ...] = (3, 11, 40)) -> str:
     problem = FlaxProblem(k, hidden=512, depth=6, d_in=512, batch=64)
     runs = {}
     for name in GRAM_METHODS:
-      runs[name] = _compiled(*problem.step("stacked", _gram_balancer(name, k)), steps=5)
-      runs[name + " (gram)"] = _compiled(*problem.step("gram", _gram_balancer(name, k)), steps=5)
+      for label, path in ((name, "stacked"), (name + " (gram)", "gram")):
+        runs[label] = _compiled(*problem.step(path, _gram_balancer(name, k)), steps=5,
+                                warmup_steps=5)
     t = median_times(runs, rounds, steps=5)
     rows += [[str(k), name, f"{1e3 * t[name]:.1f}", f"{1e3 * t[name + ' (gram)']:.1f}",
               f"{t[name + ' (gram)'] / t[name]:.2f}"] for name in GRAM_METHODS]

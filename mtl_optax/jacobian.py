@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
+from mtl_optax.loss.base import check_positive_int
 from mtl_optax.rows import GramRows, GramUpdate
 
 
@@ -94,9 +95,7 @@ def value_and_reweighted_grad(
   sum_i w_i L_i (two VJPs when shared and task-specific leaves get different weights). Equal to
   the stacked path's update. With `has_aux`, `losses` is `(losses, aux)`.
   """
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-    raise ValueError(f"value_and_reweighted_grad: chunk_size must be a positive int, got "
-                     f"{chunk_size!r}.")
+  check_positive_int(chunk_size, "value_and_reweighted_grad: chunk_size")
 
   def wrapped(params, state, *args, **extra_args):
     losses, vjp_fn, value = _vjp(fun, params, args, {}, has_aux, "value_and_reweighted_grad")

@@ -68,6 +68,6 @@ def value_and_representation_jacrev(
 def _check_representation(z: Any) -> None:
   leaves = jax.tree.leaves(z)
   if not leaves or not all(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves):
+    shapes = jax.tree.map(lambda x: f"{jnp.result_type(x)}{list(jnp.shape(x))}", z)
     raise ValueError("value_and_representation_jacrev: encode must return a non-empty pytree "
-                     "of float arrays (the representation z), got "
-                     f"{jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), z)}.")
+                     f"of float arrays (the representation z), got {shapes}.")

@@ -58,6 +58,8 @@ def aggregator(
     needs_losses: whether `losses` must be passed.
     needs_positive: whether losses must be positive (the method takes a log).
   """
+  check = _input_checker(name, shared, num_tasks, needs_losses, needs_positive)
+
   def update(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
     if isinstance(updates, GramRows):
@@ -65,10 +67,7 @@ def aggregator(
           f"{name} is not Gram-based (its update is not sum_i w_i g_i with w from the Gram "
           "matrix), so it cannot run on the Gram-only path: use the stacked Jacobian "
           "(value_and_jacrev) or the representation path.")
-    k = tree_lib.num_tasks(updates, num_tasks, name)
-    if needs_losses or losses is not None:
-      losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
-    mask = tree_lib.rows_mask(shared, updates, params)
+    k, losses, mask = check(updates, params, losses)
     shared_rows, specific_rows = tree_lib.split(updates, mask)
     out, specific_weights, state = aggregate_fn(shared_rows, state, losses, params)
     if specific_weights is None:
@@ -77,6 +76,17 @@ def aggregator(
     return tree_lib.merge(out, specific, mask), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update)
+
+
+def _input_checker(name: str, shared: tree_lib.MaskOrFn, num_tasks: int | None,
+                   needs_losses: bool, needs_positive: bool) -> Callable:
+  """`(updates, params, losses) -> (K, losses, mask)`, checking K and the losses."""
+  def check(updates, params, losses):
+    k = tree_lib.num_tasks(updates, num_tasks, name)
+    if needs_losses or losses is not None:
+      losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
+    return k, losses, tree_lib.rows_mask(shared, updates, params)
+  return check
 
 
 def gram_aggregator(
@@ -105,28 +115,30 @@ def gram_aggregator(
     shared, needs_losses, needs_positive: as for `aggregator`.
   """
   check_positive_int(num_tasks, f"{name}: num_tasks")
+  checks = dict(shared=shared, num_tasks=num_tasks, needs_losses=needs_losses,
+                needs_positive=needs_positive)
+  check = _input_checker(name, **checks)
 
   def init(params):
     return GramBalancerState(jnp.ones((num_tasks,), jnp.float32), init_fn(params))
 
+  def weigh(gram, state, losses):
+    weights, specific_weights, inner = weight_fn(gram, state.inner, losses)
+    return weights, specific_weights, GramBalancerState(weights.astype(state.weights.dtype), inner)
+
+  def aggregate(shared_rows, state, losses, params):
+    del params
+    weights, specific_weights, state = weigh(tree_lib.gram(shared_rows), state, losses)
+    return tree_lib.combine(weights, shared_rows), specific_weights, state
+
+  on_rows = aggregator(name, init, aggregate, **checks)
+
   def update(updates, state, params=None, *, losses=None, **extra_args):
-    del extra_args
-    k = tree_lib.num_tasks(updates, num_tasks, name)
-    if needs_losses or losses is not None:
-      losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
-    mask = tree_lib.rows_mask(shared, updates, params)
-    if isinstance(updates, GramRows):
-      weights, specific_weights, inner = weight_fn(updates.gram(mask), state.inner, losses)
-      out = updates.combine(weights, specific_weights, mask)
-    else:
-      shared_rows, specific_rows = tree_lib.split(updates, mask)
-      weights, specific_weights, inner = weight_fn(tree_lib.gram(shared_rows), state.inner,
-                                                   losses)
-      if specific_weights is None:
-        specific_weights = jnp.ones_like(weights)
-      out = tree_lib.merge(tree_lib.combine(weights, shared_rows),
-                           tree_lib.combine(specific_weights, specific_rows), mask)
-    return out, GramBalancerState(weights.astype(state.weights.dtype), inner)
+    if not isinstance(updates, GramRows):
+      return on_rows.update(updates, state, params, losses=losses, **extra_args)
+    _, losses, mask = check(updates, params, losses)
+    weights, specific_weights, state = weigh(updates.gram(mask), state, losses)
+    return updates.combine(weights, specific_weights, mask), state
 
   return optax.GradientTransformationExtraArgs(init, update)
 
