@@ -1,8 +1,9 @@
 """The small optimization problems of the gradient balancers, solved inside `jit`.
 
 Every solver takes a K x K Gram matrix (and what else its problem needs), runs a `jax.lax` loop
-with a fixed iteration cap and an explicit tolerance, and returns a finite answer even when it
-does not converge. No host callbacks, so all of them work under `jax.jit` and `jax.vmap`.
+with a fixed iteration cap and a tolerance relative to the problem's scale (or to what the
+floating-point type can reach), and returns a finite answer even when it does not converge. No
+host callbacks, so all of them work under `jax.jit` and `jax.vmap`.
 """
 
 from __future__ import annotations
@@ -22,33 +23,66 @@ def _scale(m: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.max(jnp.diag(m)), _TINY)
 
 
+def _eps(x: jax.Array) -> float:
+  """The machine epsilon of x's floating-point type."""
+  return float(jnp.finfo(x.dtype).eps)
+
+
+def _solve_on(a: jax.Array, rhs: jax.Array, passive: jax.Array) -> jax.Array:
+  """z with A_PP z_P = rhs_P on the passive set P and z = 0 elsewhere (A_PP positive definite)."""
+  both = passive[:, None] & passive[None, :]
+  a_p = jnp.where(both, a, 0.0) + jnp.diag(jnp.where(passive, 0.0, 1.0))
+  factor = jax.scipy.linalg.cho_factor(a_p, lower=True)
+  return jnp.where(passive, jax.scipy.linalg.cho_solve(factor, jnp.where(passive, rhs, 0.0)), 0.0)
+
+
 def nonneg_qp(
-    a: jax.Array, b: jax.Array, *, max_iter: int = 100, tol: float = 1e-6
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    pdas_iter: int = 12,
 ) -> jax.Array:
   """argmin_{z >= 0} 1/2 z^T A z + b^T z for a positive definite A (K x K).
 
-  Lawson & Hanson's active-set method (Solving Least Squares Problems, 1974, Ch. 23), in its
-  quadratic-programming form (Bro & de Jong 1997): move the most negative gradient entry into
-  the passive set, solve the equality problem on it, step back to the boundary while a passive
-  entry is non-positive. Exact after finitely many steps; stops when min of the gradient over
-  the zero entries is >= -tol, or after `max_iter` steps. The iterate is always feasible.
+  First the primal-dual active-set method (Hintermueller, Ito & Kunisch 2002, SIAM J. Optim.
+  13(3), Alg. 1 with c = 1): from P = {j : b_j < 0}, solve the equality problem on P, then
+  P <- {j in P : z_j > 0} + {j not in P : (A z + b)_j < 0}, until P repeats (the KKT point,
+  found in a few steps on these problems) or `pdas_iter` steps. The multiplier test is relative
+  to its rounding level, max(tol, K eps) (|A| |z| + |b|)_j. If that does not settle, Lawson &
+  Hanson's active-set method (Solving Least Squares Problems, 1974, Ch. 23; QP form as in Bro &
+  de Jong 1997) continues from the feasible part of the last iterate: move the most negative
+  gradient entry (below -tol, relative as above) into the passive set, solve the equality
+  problem, step back to the boundary while a passive entry is non-positive, for at most
+  `max_iter` steps. The answer is always feasible.
   """
   k = b.shape[0]
   idx = jnp.arange(k)
+  rel = max(tol, k * _eps(b))
+  level = lambda z: rel * (jnp.abs(a) @ jnp.abs(z) + jnp.abs(b))
 
-  def solve_on(passive):
-    both = passive[:, None] & passive[None, :]
-    a_p = jnp.where(both, a, 0.0) + jnp.diag(jnp.where(passive, 0.0, 1.0))
-    return jnp.where(passive, jnp.linalg.solve(a_p, jnp.where(passive, -b, 0.0)), 0.0)
+  def pdas_body(carry):
+    _, passive, it, _ = carry
+    z = _solve_on(a, -b, passive)
+    new = jnp.where(passive, z > 0.0, a @ z + b < -level(z))
+    return z, new, it + 1, jnp.all(new == passive) | ~jnp.all(jnp.isfinite(z))
+
+  pdas_cond = lambda carry: ~carry[3] & (carry[2] < pdas_iter)
+  false = jnp.array(False)
+  init = (jnp.zeros_like(b), b < 0.0, jnp.array(0), false)
+  z, _, _, settled = jax.lax.while_loop(pdas_cond, pdas_body, init)
+  settled = settled & jnp.all(jnp.isfinite(z)) & jnp.all(z >= 0.0)
+  z = jnp.where(jnp.isfinite(z), jnp.maximum(z, 0.0), 0.0)
 
   def body(carry):
     z, passive, inner, it, _ = carry
     grad = a @ z + b
-    free = jnp.where(passive, jnp.inf, grad)
+    free = jnp.where(passive, jnp.inf, grad + level(z))
     j = jnp.argmin(free)
-    done = ~inner & (free[j] >= -tol)
+    done = ~inner & (free[j] >= 0.0)
     new_passive = passive | (~inner & (idx == j))
-    s = solve_on(new_passive)
+    s = _solve_on(a, -b, new_passive)
     blocked = new_passive & (s <= 0.0)
     ratio = jnp.where(blocked, z / jnp.maximum(z - s, _TINY), jnp.inf)
     theta = jnp.clip(jnp.min(ratio), 0.0, 1.0)
@@ -63,28 +97,39 @@ def nonneg_qp(
     *_, it, done = carry
     return ~done & (it < max_iter)
 
-  false = jnp.array(False)
-  init = (jnp.zeros_like(b), jnp.zeros((k,), bool), false, jnp.array(0), false)
+  # inner=True first: re-solve on the warm start's support before testing optimality.
+  init = (z, z > 0.0, jnp.array(True), jnp.array(0), settled)
   return jax.lax.while_loop(cond, body, init)[0]
 
 
 def min_norm_weights(
-    m: jax.Array, *, ridge: float = 1e-7, max_iter: int = 250, tol: float = 1e-7
+    m: jax.Array, *, ridge: float | None = None, max_iter: int = 250, tol: float = 1e-7
 ) -> jax.Array:
   """MGDA: argmin_{w in simplex} w^T M w, the min-norm point of the rows' convex hull.
 
-  Sener & Koltun 2018, Eq. 3 (Desideri's MGDA). With A = M / max diag + ridge * I, the
-  simplex problem is z / sum(z) for z = argmin_{z >= 0} 1/2 z^T A z - 1^T z (same KKT system,
-  multiplier 1 / sum z), solved exactly by `nonneg_qp`. The ridge keeps A positive definite
-  when the rows are linearly dependent; it moves ||d||^2 by at most ridge * max_i ||g_i||^2.
-  Returns the uniform weights if the solve fails (never NaN).
+  Sener & Koltun 2018, Eq. 3 (Desideri's MGDA). In the rows' cosines C = N^-1 M N^-1
+  (N = diag ||g_i||, unit diagonal whatever the norms), w = z / sum(z) with z = N^-1 y,
+  y = argmin_{y >= 0} 1/2 y^T (C + ridge I) y - (n_min / n)^T y (the same KKT system as the
+  simplex problem, multiplier 1 / sum z), solved exactly by `nonneg_qp`. The ridge (default
+  K * eps of the dtype) keeps the problem strictly convex for linearly dependent rows; it is
+  relative to every row's own squared norm (w^T (M + ridge diag M) w), so rows of small norm
+  are never swamped. If some rows are zero (norm <= eps * the largest), the origin is in the
+  hull: uniform weights over those rows. Uniform weights if the solve fails (never NaN).
   """
   k = m.shape[0]
-  a = m / _scale(m) + ridge * jnp.eye(k, dtype=m.dtype)
-  z = nonneg_qp(a, -jnp.ones((k,), m.dtype), max_iter=max_iter, tol=tol)
+  ridge = k * _eps(m) if ridge is None else ridge
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
+  zero = norms <= _eps(m) * jnp.maximum(jnp.max(norms), _TINY)
+  inv = jnp.where(zero, 0.0, 1.0 / jnp.where(zero, 1.0, norms))
+  cosines = inv[:, None] * m * inv[None, :]
+  cosines = jnp.where(jnp.eye(k, dtype=bool), 1.0 + ridge, cosines)
+  q = jnp.min(jnp.where(zero, jnp.inf, norms)) * inv
+  z = inv * nonneg_qp(cosines, -q, max_iter=max_iter, tol=tol)
   total = jnp.sum(z)
   ok = jnp.isfinite(total) & (total > 0)
-  return jnp.where(ok, z / jnp.where(ok, total, 1.0), 1.0 / k)
+  w = jnp.where(ok, z / jnp.where(ok, total, 1.0), 1.0 / k)
+  any_zero = jnp.any(zero)
+  return jnp.where(any_zero, zero / jnp.maximum(jnp.sum(zero), 1), w)
 
 
 def dual_cone_weights(
@@ -93,7 +138,10 @@ def dual_cone_weights(
   """argmin_{v >= u} v^T M v: the projection of G^T u onto the dual cone {x : G x >= 0} is G^T v.
 
   Quinton & Rey 2024 (Jacobian Descent, Prop. 1). M must be positive definite (UPGrad adds
-  reg_eps * I). Written v = u + z, z >= 0, it is `nonneg_qp(M, M u)`. `u` may be batched (..., K).
+  reg_eps * I). Written v = u + z, z >= 0, it is `nonneg_qp(M, M u)`. `u` may be batched (..., K):
+  all rows are solved as one batch, the primal-dual active-set steps of `nonneg_qp` in lockstep
+  (one batched Cholesky per step, 1-4 steps on ordinary Gram matrices, from P = the rows
+  conflicting with u), the exact active-set fallback running only if some row has not settled.
   """
   solve = lambda row: row + nonneg_qp(m, m @ row, max_iter=max_iter, tol=tol)
   flat = u.reshape(-1, u.shape[-1])
@@ -106,16 +154,27 @@ def simplex_minimize(
     *,
     max_iter: int = 500,
     tol: float = 1e-7,
+    newton_iter: int = 12,
 ) -> jax.Array:
   """argmin_{w in simplex} fun(w) for a smooth convex `fun` (CAGrad / IMGrad duals).
 
   FISTA (Beck & Teboulle 2009) with backtracking on the step size, projection onto the simplex
   (`optax.projections.projection_simplex`) and function-value restarts (O'Donoghue & Candes
-  2015). Stops when an accepted step moves w by less than `tol` (max norm) or after `max_iter`
-  steps; returns the best iterate seen, so a failed solve gives at worst `w0`.
+  2015), until an accepted step moves w by less than `tol` (max norm) or `max_iter` steps; it
+  finds the support. Then an active-set Newton method on the faces of the simplex (Nocedal &
+  Wright 2006, Alg. 16.3 with the exact Hessian): a Newton step on the equality-constrained
+  problem over the current face, cut back at the boundary (dropping the blocking entry), and a
+  new entry added where the reduced gradient g_j - lambda is below its rounding level, for at
+  most `newton_iter` steps. Float32 cannot rank nearly equal values of a flat `fun` (rows whose
+  norms spread over 1e-2..1e2 make it flat), but its gradient still pins w down, so the answer
+  is the last Newton iterate whose Frank-Wolfe gap g.w - min_i g_i (zero only at the minimum) is
+  within its rounding level of the smallest seen (FISTA's best included); at worst `w0`.
   """
   value_and_grad = jax.value_and_grad(fun)
+  grad_fn, hess_fn = jax.grad(fun), jax.hessian(fun)
   project = optax.projections.projection_simplex
+  k = w0.shape[0]
+  eps = _eps(w0)
 
   def backtrack(y, fy, gy, lip):
     def step(lip):
@@ -154,27 +213,74 @@ def simplex_minimize(
     return ~done & (it < max_iter)
 
   w0 = project(w0)
-  f0 = fun(w0)
   one = jnp.ones((), w0.dtype)
-  init = (w0, w0, one, one, w0, f0, jnp.array(0), jnp.array(False))
-  best = jax.lax.while_loop(cond, body, init)[4]
+  init = (w0, w0, one, one, w0, fun(w0), jnp.array(0), jnp.array(False))
+  w_fista = jax.lax.while_loop(cond, body, init)[4]
+
+  def gap(w):  # Frank-Wolfe gap g.w - min_i g_i >= 0, zero exactly at the minimum
+    g = grad_fn(w)
+    r = g @ w - jnp.min(g)
+    return jnp.where(jnp.all(jnp.isfinite(w)) & jnp.isfinite(r), r, jnp.inf)
+
+  def newton(carry):
+    w, face, add, best, r_best, it, _ = carry
+    g, h = grad_fn(w), hess_fn(w)
+    face = face | add
+    # [H_FF 1; 1^T 0] [dw; -lambda] = [-g_F; 0], identity off the face, ridge relative to diag H.
+    both = face[:, None] & face[None, :]
+    h_f = jnp.where(both, h + k * eps * jnp.diag(jnp.abs(jnp.diag(h))), 0.0)
+    h_f = h_f + jnp.diag(jnp.where(face, 0.0, 1.0))
+    ones = face.astype(w.dtype)
+    system = jnp.block([[h_f, ones[:, None]], [ones[None, :], jnp.zeros((1, 1), w.dtype)]])
+    sol = jnp.linalg.solve(system, jnp.concatenate([-jnp.where(face, g, 0.0), jnp.zeros(1, w.dtype)]))
+    dw, lam = jnp.where(face, sol[:k], 0.0), -sol[k]
+    blocked = face & (w + dw < 0.0)
+    ratio = jnp.where(blocked, w / jnp.maximum(-dw, _TINY), jnp.inf)
+    theta = jnp.minimum(jnp.min(ratio), 1.0)
+    w_new = jnp.maximum(w + theta * dw, 0.0)
+    hit = blocked & (ratio <= theta)
+    w_new = jnp.where(hit, 0.0, w_new)
+    w_new = w_new / jnp.sum(w_new)
+    face = face & ~hit
+    reduced = grad_fn(w_new) - lam
+    level = k * eps * (jnp.abs(grad_fn(w_new)) + jnp.abs(lam))
+    free = jnp.where(face, jnp.inf, reduced + level)
+    j = jnp.argmin(free)
+    add = ~jnp.any(hit) & (free[j] < 0.0) & (jnp.arange(k) == j)
+    r = gap(w_new)
+    better = r <= r_best + k * eps * jnp.max(jnp.abs(reduced))  # later wins at rounding level
+    settled = ~jnp.any(hit) & ~jnp.any(add) & (theta * jnp.max(jnp.abs(dw)) <= k * eps)
+    return (w_new, face, add, jnp.where(better, w_new, best), jnp.where(better, r, r_best),
+            it + 1, settled)
+
+  r0 = gap(w_fista)
+  start = (w_fista, w_fista > 0.0, jnp.zeros((k,), bool), w_fista, r0, jnp.array(0),
+           jnp.array(False))
+  stop = lambda carry: ~carry[6] & (carry[5] < newton_iter) & (carry[4] > 0.0)
+  best = jax.lax.while_loop(stop, newton, start)[3]
   return jnp.where(jnp.all(jnp.isfinite(best)), best, w0)
 
 
 def nash_weights(
-    m: jax.Array, *, max_iter: int = 20, tol: float = 1e-4
+    m: jax.Array, *, max_iter: int = 20, tol: float = 1e-4, prev: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """Nash-MTL: alpha > 0 with alpha_i (M alpha)_i = 1 for every task (Navon et al. 2022, Eq. 5).
 
   That is the stationarity condition of the convex, self-concordant problem
-  min_{alpha > 0} 1/2 alpha^T M alpha - sum_i log alpha_i, solved by damped Newton (Nesterov &
-  Nemirovski: step 1 / (1 + lambda) for Newton decrement lambda >= 1/2, full steps after) on
-  the rescaled problem b_i = ||g_i|| alpha_i (unit-diagonal M, so wildly different row norms
-  do not matter), from the best multiple of the ones vector.
+  min_{alpha > 0} F(alpha) = 1/2 alpha^T M alpha - sum_i log alpha_i, solved by damped Newton
+  (Nesterov & Nemirovski: step 1 / (1 + lambda) for Newton decrement lambda >= 1/2, full steps
+  after) on the rescaled problem b_i = ||g_i|| alpha_i (unit-diagonal M, so wildly different row
+  norms do not matter), from the better (lower F) of the best multiples of the ones vector and
+  of `prev` (the previous weights, if given and positive).
 
-  Tasks with a zero row cannot satisfy the condition and are left out. Returns `(alpha, ok)`:
-  `ok[i]` is true where task i has a nonzero row, every iterate stayed finite and positive, and
-  max_i |alpha_i (M alpha)_i - 1| < tol over those tasks. Where `ok` is false, alpha is 1.
+  Stops, and accepts the iterate, when max_i |alpha_i (M alpha)_i - 1| < tol, or when it is at
+  what the dtype can reach: Newton decrement lambda <= min(0.1, 4 ||e||_2), e_i = eps b_i
+  (|C| b)_i the rounding level of that residual (F - F* <= lambda^2 then; nearly opposite rows
+  make the floor ~1e-2 in float32), or after `max_iter` steps. Tasks with a zero row cannot
+  satisfy the condition and are left out. Returns `(alpha, ok)`: `ok[i]` is true where task i
+  has a nonzero row, every iterate stayed finite and positive, and the iterate was accepted or
+  (in the quadratic region, lambda < 1/2, so F is bounded below) has lower F than `prev`.
+  Where `ok` is false, alpha is 1.
   """
   k = m.shape[0]
   norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
@@ -182,19 +288,121 @@ def nash_weights(
   inv = jnp.where(active, 1.0 / jnp.where(active, norms, 1.0), 0.0)
   both = active[:, None] & active[None, :]
   c = jnp.where(both, inv[:, None] * m * inv[None, :], jnp.eye(k, dtype=m.dtype))
+  eps = _eps(m)
 
-  def newton(_, b):
+  def objective(b):
+    return 0.5 * b @ c @ b - jnp.sum(jnp.log(jnp.where(b > 0, b, 1.0)))
+
+  def newton_step(b):
     residual = c @ b - 1.0 / b
     step = -jnp.linalg.solve(c + jnp.diag(1.0 / b**2), residual)
-    decrement = jnp.sqrt(jnp.maximum(-residual @ step, 0.0))
-    return b + jnp.where(decrement < 0.5, 1.0, 1.0 / (1.0 + decrement)) * step
+    return step, jnp.sqrt(jnp.maximum(-residual @ step, 0.0))
 
-  b0 = jnp.sqrt(k / jnp.maximum(jnp.sum(c), 1.0 / k)) * jnp.ones((k,), m.dtype)
-  b = jax.lax.fori_loop(0, max_iter, newton, b0)
-  residual = jnp.where(active, jnp.abs(b * (c @ b) - 1.0), 0.0)
-  converged = jnp.all(jnp.isfinite(b)) & jnp.all(b > 0) & (jnp.max(residual) < tol)
+  def accepted(b, decrement):
+    error = jnp.max(jnp.abs(b * (c @ b) - 1.0))
+    floor = 4.0 * eps * jnp.linalg.norm(b * (jnp.abs(c) @ b))
+    return (error < tol) | (decrement <= jnp.minimum(0.1, floor))
+
+  def body(carry):
+    b, it, _ = carry
+    step, decrement = newton_step(b)
+    b_new = b + jnp.where(decrement < 0.5, 1.0, 1.0 / (1.0 + decrement)) * step
+    good = jnp.all(jnp.isfinite(b_new)) & jnp.all(b_new > 0)
+    stop = accepted(b, decrement) | ~good
+    return jnp.where(stop, b, b_new), it + 1, stop
+
+  def best_multiple(v):  # argmin_t F(t v) = sqrt(K / v^T C v)
+    return v * jnp.sqrt(k / jnp.maximum(v @ c @ v, 1.0 / k))
+
+  b0 = best_multiple(jnp.ones((k,), m.dtype))
+  if prev is not None:
+    p = prev.astype(m.dtype) * norms
+    usable = jnp.all(jnp.isfinite(p)) & jnp.all(jnp.where(active, p > 0, True))
+    p = best_multiple(jnp.where(active & usable, p, 1.0))
+    b0 = jnp.where(usable & (objective(p) < objective(b0)), p, b0)
+  cond = lambda carry: ~carry[2] & (carry[1] < max_iter)
+  b, _, _ = jax.lax.while_loop(cond, body, (b0, jnp.array(0), jnp.array(False)))
+  valid = jnp.all(jnp.isfinite(b)) & jnp.all(b > 0)
+  decrement = newton_step(b)[1]
+  converged = valid & accepted(b, decrement)
+  if prev is not None:  # bounded (decrement < 1/2: F - F* <= decrement^2) and better than prev
+    p = prev.astype(m.dtype) * norms
+    p_ok = jnp.all(jnp.isfinite(p)) & jnp.all(jnp.where(active, p > 0, True))
+    better = objective(b) < objective(jnp.where(active, p, 1.0))
+    converged = converged | (valid & p_ok & (decrement < 0.5) & better)
   ok = active & converged
   return jnp.where(ok, b * inv, 1.0), ok
+
+
+def _barrier_lp(
+    m: jax.Array,
+    c: jax.Array,
+    x0: jax.Array,
+    t0: jax.Array,
+    t_final: jax.Array,
+    *,
+    mu: float,
+    newton_iter: int,
+    max_stages: int,
+    keep_back: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The barrier method of `nash_lp` on a unit-diagonal M from the strictly feasible x0 at t0.
+
+  Centres at t0, t0 mu, ... while t <= t_final (at most `max_stages` stages). Returns the last
+  centre x and the centre x_w, with its t_w, of the stage `keep_back` stages before the last (or
+  the first one): a strictly feasible, nearly central warm start for a nearby cost c.
+  """
+  eps = _eps(m)
+
+  def slack(x):
+    mx = m @ x
+    value = jnp.log(jnp.where(x > 0, x, 1.0)) + jnp.log(jnp.where(mx > 0, mx, 1.0))
+    return value, mx, jnp.all(x > 0) & jnp.all(mx > 0) & jnp.all(value > 0)
+
+  def centre(x, t, final):
+    def body(carry):
+      x, it, _ = carry
+      s, mx, _ = slack(x)
+      # s_i = log x_i + log (M x)_i; rows of J are grad s_i; the barrier's exact derivatives.
+      jac = jnp.diag(1.0 / x) + m / mx[:, None]
+      g = t * c - jac.T @ (1.0 / s)
+      h = ((jac.T / s**2) @ jac + jnp.diag(1.0 / (s * x**2))
+           + (m.T / (s * mx**2)) @ m)
+      dx = -jnp.linalg.solve(h, g)
+      slope = g @ dx
+
+      def increase(step):  # barrier(x + step dx) - barrier(x), without cancelling large terms
+        new, _, inside = slack(x + step * dx)
+        ratio = jnp.where(inside, new / s, 1.0)
+        return jnp.where(inside, t * step * (c @ dx) - jnp.sum(jnp.log(ratio)), jnp.inf)
+
+      too_long = lambda cr: (increase(cr[0]) > 0.25 * cr[0] * slope) & (cr[1] < 30)
+      step, _ = jax.lax.while_loop(too_long, lambda cr: (0.5 * cr[0], cr[1] + 1), (1.0, 0))
+      good = (increase(step) < 0) & (slope < 0) & jnp.all(jnp.isfinite(dx))
+      # Centred: lambda^2 = -slope below 1e-3 (inner stages) or the rounding level of the barrier.
+      level = k * eps * (t * jnp.abs(c) @ x + jnp.sum(jnp.abs(jnp.log(s))) + 1.0)
+      done = ~good | (-slope < jnp.where(final, level, 1e-3))
+      return jnp.where(good, x + step * dx, x), it + 1, done
+
+    cond = lambda carry: ~carry[2] & (carry[1] < newton_iter)
+    return jax.lax.while_loop(cond, body, (x, 0, jnp.array(False)))[0]
+
+  k = c.shape[0]
+  history = jnp.zeros((keep_back + 1, k), m.dtype).at[:].set(x0)
+  t_hist = jnp.zeros((keep_back + 1,), m.dtype).at[:].set(t0)
+
+  def stage(carry):
+    x, t, history, t_hist, n = carry
+    x = centre(x, t, t * mu > t_final)
+    history = jnp.roll(history, 1, axis=0).at[0].set(x)
+    t_hist = jnp.roll(t_hist, 1).at[0].set(t)
+    return x, t * mu, history, t_hist, n + 1
+
+  go = lambda carry: (carry[1] <= t_final * (1.0 + eps)) & (carry[4] < max_stages)
+  x, _, history, t_hist, n = jax.lax.while_loop(
+      go, stage, (x0, t0, history, t_hist, jnp.array(0)))
+  back = jnp.minimum(keep_back, jnp.maximum(n - 1, 0))
+  return x, history[back], t_hist[back]
 
 
 def nash_lp(
@@ -210,53 +418,24 @@ def nash_lp(
 
   One convex step of Nash-MTL's CCP (Navon et al. 2022, Sec. 3.3); for c > 0 on the set's
   recession directions (as in `imbalance_nash_weights`) the minimum is attained. Log-barrier
-  interior point (Boyd & Vandenberghe 2004, Sec. 11.3): damped Newton with Armijo backtracking
-  on t c^T x - sum_i log(log x_i + log (M x)_i) (convex: -log of a positive concave function),
-  t from 1 / (c^T x0) up by `mu` until the duality-gap bound K / t is below `gap_tol` * c^T x0;
-  each centring stops at Newton decrement^2 < 1e-12, when no step decreases the barrier (in
-  float32, rounding ends it early on nearly flat problems), or after `newton_iter` steps. `x0` must be strictly feasible; the iterates stay strictly
-  feasible, so a stalled solve returns a feasible point (and a failed one gives x0). Solved
-  in y = D^-1 x, D = diag(M)^-1/2: the same set for the unit-diagonal D M D (y_i (D M D y)_i =
-  x_i (M x)_i), so rows of wildly different norms do not ill-condition the Newton systems.
+  interior point (Boyd & Vandenberghe 2004, Sec. 11.3): damped Newton (exact gradient and
+  Hessian) with Armijo backtracking on t c^T x - sum_i log(log x_i + log (M x)_i) (convex: -log
+  of a positive concave function), t from 1 / (c^T x0) up by `mu` until the duality-gap bound
+  K / t is below `gap_tol` * c^T x0. Inner centrings stop at Newton decrement^2 < 1e-3, the last
+  one at the rounding level of the barrier (K eps times its terms), when no step decreases the
+  barrier, or after `newton_iter` steps. `x0` must be strictly feasible; the iterates stay
+  strictly feasible, so a stalled solve returns a feasible point (and a failed one gives x0).
+  Solved in y = D^-1 x, D = diag(M)^-1/2: the same set for the unit-diagonal D M D (y_i (D M D
+  y)_i = x_i (M x)_i), so rows of wildly different norms do not ill-condition the Newton systems.
   """
   k = c.shape[0]
   stages = max(1, int(np.ceil(np.log(k / gap_tol) / np.log(mu))) + 1)
   d = 1.0 / jnp.sqrt(jnp.maximum(jnp.diag(m), _TINY))
-  x0, c, m = x0 / d, c * d, d[:, None] * m * d[None, :]
-
-  def slack(x):
-    mx = m @ x
-    value = jnp.log(jnp.where(x > 0, x, 1.0)) + jnp.log(jnp.where(mx > 0, mx, 1.0))
-    return value, jnp.all(x > 0) & jnp.all(mx > 0) & jnp.all(value > 0)
-
-  barrier = lambda x, t: t * (c @ x) - jnp.sum(jnp.log(slack(x)[0]))
-  grad, hess = jax.grad(barrier), jax.hessian(barrier)
-
-  def centre(x, t):
-    def body(carry):
-      x, it, _ = carry
-      g = grad(x, t)
-      dx = -jnp.linalg.solve(hess(x, t), g)
-      slope = g @ dx
-      old = slack(x)[0]
-
-      def increase(s):  # barrier(x + s dx) - barrier(x), without cancelling large terms
-        new, inside = slack(x + s * dx)
-        ratio = jnp.where(inside, new / old, 1.0)
-        return jnp.where(inside, t * s * (c @ dx) - jnp.sum(jnp.log(ratio)), jnp.inf)
-
-      too_long = lambda cr: (increase(cr[0]) > 0.25 * cr[0] * slope) & (cr[1] < 50)
-      s, _ = jax.lax.while_loop(too_long, lambda cr: (0.5 * cr[0], cr[1] + 1), (1.0, 0))
-      good = (increase(s) < 0) & (slope < 0) & jnp.all(jnp.isfinite(dx))
-      done = ~good | (-slope < 1e-12)
-      return jnp.where(good, x + s * dx, x), it + 1, done
-
-    cond = lambda carry: ~carry[2] & (carry[1] < newton_iter)
-    return jax.lax.while_loop(cond, body, (x, 0, jnp.array(False)))[0]
-
-  t0 = 1.0 / jnp.maximum(jnp.abs(c @ x0), _TINY)
-  x = jax.lax.fori_loop(0, stages, lambda s, x: centre(x, t0 * mu**s), x0)
-  return d * jnp.where(jnp.all(jnp.isfinite(x)), x, x0)
+  y0, c, m = x0 / d, c * d, d[:, None] * m * d[None, :]
+  t0 = 1.0 / jnp.maximum(jnp.abs(c @ y0), _TINY)
+  x, _, _ = _barrier_lp(m, c, y0, t0, t0 * mu ** (stages - 1), mu=mu, newton_iter=newton_iter,
+                        max_stages=stages, keep_back=0)
+  return d * jnp.where(jnp.all(jnp.isfinite(x)), x, y0)
 
 
 def imbalance_nash_weights(
@@ -267,22 +446,30 @@ def imbalance_nash_weights(
     max_iter: int = 20,
     tol: float = 1e-5,
     feas_tol: float = 1e-3,
+    gap_tol: float = 1e-7,
+    mu: float = 10.0,
+    warm_stages: int = 2,
+    warm_change: float = 1e-2,
 ) -> tuple[jax.Array, jax.Array]:
   """IMGrad's Nash-MTL variant: CCP for (1 - cos) sum_i beta_i(a) + cos phi(a) on Nash's set.
 
   Zhou et al. 2025, Eq. 13, on Nash-MTL's CCP (Navon et al. 2022, Sec. 3.3 and the reference
   AvivNavon/nash-mtl): beta_i(a) = (M a)_i, phi(a) = sum_i log a_i + log (M a)_i (concave,
   linearized at the previous iterate p: phi_tag = 1 / p + M (1 / (M p))), constraints
-  phi_i(a) >= 0, i.e. a_i (M a)_i >= 1. Each step is `nash_lp` with
-  c = (1 - cos) M 1 + cos phi_tag, from the strictly feasible 2 * (Nash fixed point).
-  Scale-free: solved on M / ||M||_F (the reference's normalization) with the constraint on that
-  scale, and mapped back by 1 / sqrt(||M||_F), so a_i (M a)_i >= 1 holds on M itself.
+  phi_i(a) >= 0, i.e. a_i (M a)_i >= 1. Each step is the barrier LP of `nash_lp` with
+  c = (1 - cos) M 1 + cos phi_tag: the first from the strictly feasible 2 * (Nash fixed point)
+  through all its stages, the later ones warm-started from the previous step's centre
+  `warm_stages` stages before its last (the set is the same, c changes little), so they run
+  only those last stages. Scale-free: solved on M / ||M||_F (the reference's normalization) with
+  the constraint on that scale, and mapped back by 1 / sqrt(||M||_F), so a_i (M a)_i >= 1 holds
+  on M itself.
 
   The CCP starts at `alpha0` (the previous weights) where a > 0 and M a > 0, else at the Nash
-  fixed point, and stops when an iterate moves by less than `tol` (relative max norm) or after
-  `max_iter` steps. Tasks with a zero row are left out (decoupled). Returns `(alpha, ok)`:
-  `ok[i]` is true where task i has a nonzero row, the set is nonempty (`nash_weights`
-  converged), and the answer is finite with min_i log a_i (M a)_i >= -feas_tol; elsewhere 1.
+  fixed point, and stops when an iterate moves by less than max(tol, 100 eps) (relative max
+  norm: float32 cannot resolve less), or after `max_iter` steps. Tasks with a zero row are left
+  out (decoupled). Returns `(alpha, ok)`: `ok[i]` is true where task i has a nonzero row, the
+  set is nonempty (`nash_weights` converged), and the answer is finite with
+  min_i log a_i (M a)_i >= -feas_tol; elsewhere 1.
   """
   k = m.shape[0]
   norm = jnp.maximum(jnp.sqrt(jnp.sum(m * m)), _TINY)
@@ -292,23 +479,39 @@ def imbalance_nash_weights(
   both = active[:, None] & active[None, :]
   mn = jnp.where(both, m / norm, jnp.eye(k, dtype=m.dtype))
   feasible = jnp.all(nash_ok | ~active)
-  x_feas = 2.0 * nash
+  stop_tol = max(tol, 100.0 * _eps(m)) if tol > 0 else 0.0
+
+  # The LPs in y = x / d (unit-diagonal Gram), as in `nash_lp`.
+  d = 1.0 / jnp.sqrt(jnp.maximum(jnp.diag(mn), _TINY))
+  mu_n = d[:, None] * mn * d[None, :]
+  stages = max(1, int(np.ceil(np.log(k / gap_tol) / np.log(mu))) + 1)
+  y_feas = 2.0 * nash / d
 
   p0 = alpha0.astype(m.dtype) * root
   start_ok = jnp.all(jnp.isfinite(p0)) & jnp.all(p0 > 0) & jnp.all(mn @ p0 > 0)
   p0 = jnp.where(start_ok, p0, nash)
 
   def body(carry):
-    p, it, _ = carry
-    c = (1.0 - cos) * jnp.sum(mn, axis=0) + cos * (1.0 / p + mn @ (1.0 / (mn @ p)))
-    x = nash_lp(mn, c, x_feas)
+    p, c_old, y_w, t_w, it, _ = carry
+    c = ((1.0 - cos) * jnp.sum(mn, axis=0) + cos * (1.0 / p + mn @ (1.0 / (mn @ p)))) * d
+    t_cold = 1.0 / jnp.maximum(jnp.abs(c @ y_feas), _TINY)
+    t_final = t_cold * mu ** (stages - 1)
+    cold = jnp.sum(jnp.abs(c - c_old)) > warm_change * jnp.sum(jnp.abs(c))
+    y_start = jnp.where(cold, y_feas, y_w)
+    t_start = jnp.where(cold, t_cold, jnp.minimum(t_w, t_final))
+    y, y_w_new, t_w_new = _barrier_lp(mu_n, c, y_start, t_start, t_final, mu=mu, newton_iter=30,
+                                      max_stages=stages, keep_back=warm_stages)
+    x = d * y
     good = jnp.all(jnp.isfinite(x))
     x = jnp.where(good, x, p)
-    done = ~good | (jnp.max(jnp.abs(x - p)) <= tol * jnp.max(jnp.abs(x)))
-    return x, it + 1, done
+    done = ~good | (jnp.max(jnp.abs(x - p)) <= stop_tol * jnp.max(jnp.abs(x)))
+    c_old = jnp.where(good, c, jnp.inf)
+    return x, c_old, jnp.where(good, y_w_new, y_w), jnp.where(good, t_w_new, t_w), it + 1, done
 
-  cond = lambda carry: ~carry[2] & (carry[1] < max_iter)
-  x = jax.lax.while_loop(cond, body, (p0, 0, ~feasible))[0]
+  cond = lambda carry: ~carry[5] & (carry[4] < max_iter)
+  init = (p0, jnp.full((k,), jnp.inf, m.dtype), y_feas, jnp.ones((), m.dtype), jnp.array(0),
+          ~feasible)
+  x = jax.lax.while_loop(cond, body, init)[0]
   mx = mn @ x
   slack = jnp.log(jnp.where(x > 0, x, 1.0)) + jnp.log(jnp.where(mx > 0, mx, 1.0))
   converged = (feasible & jnp.all(jnp.isfinite(x)) & jnp.all(x > 0) & jnp.all(mx > 0)

@@ -153,3 +153,27 @@ def test_solvers_vmap_over_a_batch():
     np.testing.assert_allclose(w[b], solvers.min_norm_weights(ms[b]), atol=1e-6)
     np.testing.assert_allclose(alpha[b], solvers.nash_weights(ms[b])[0], rtol=1e-5)
   assert np.all(ok)
+
+
+def test_nonneg_qp_active_set_fallback_matches_pdas():
+  """pdas_iter=0 leaves everything to Lawson & Hanson's loop: the same exact answer."""
+  for k, n, kind in CASES:
+    g = jacobian(k, n, kind, seed=11 * k + n)
+    a = jnp.asarray(g @ g.T / np.trace(g @ g.T) + 1e-3 * np.eye(k), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(k).normal(size=k), jnp.float32)
+    np.testing.assert_allclose(solvers.nonneg_qp(a, b, pdas_iter=0), solvers.nonneg_qp(a, b),
+                               atol=1e-4)
+
+
+def test_nash_prev_is_a_warm_start_and_a_fallback():
+  g = jacobian(5, 20, "plain", seed=3)
+  m = jnp.asarray(g @ g.T, jnp.float32)
+  alpha, ok = solvers.nash_weights(m)
+  # From its own answer it stops at once, with the same answer; a cap of one step from a poor
+  # start is still accepted when it improves on that start.
+  again, ok2 = solvers.nash_weights(m, max_iter=0, prev=alpha)
+  assert np.all(ok) and np.all(ok2)
+  np.testing.assert_allclose(again, alpha, rtol=1e-5)
+  poor = np.asarray(alpha) * np.array([1.5, 0.7, 1.0, 1.2, 0.9])
+  one, ok1 = solvers.nash_weights(m, max_iter=1, tol=0.0, prev=jnp.asarray(poor))
+  assert np.all(ok1) and np.all(np.isfinite(np.asarray(one)))

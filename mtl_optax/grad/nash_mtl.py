@@ -20,11 +20,11 @@ class NashMTLState(NamedTuple):
   alpha: jax.Array  # (K,) the last weights (ones at the start, as the reference)
 
 
-def nash_mtl_weights(gram: jax.Array, *, optim_niter: int = 20,
+def nash_mtl_weights(gram: jax.Array, prev: jax.Array | None = None, *, optim_niter: int = 20,
                      tol: float = 1e-4) -> tuple[jax.Array, jax.Array]:
-  """Nash-MTL's alpha > 0 with alpha_i (M alpha)_i = 1 (Navon et al. 2022, Eq. 5), and per task
-  whether it was found (`solvers.nash_weights`)."""
-  return solvers.nash_weights(gram, max_iter=optim_niter, tol=tol)
+  """Nash-MTL's alpha > 0 with alpha_i (M alpha)_i = 1 (Navon et al. 2022, Eq. 5), warm-started
+  from the previous alpha `prev`, and per task whether it was found (`solvers.nash_weights`)."""
+  return solvers.nash_weights(gram, max_iter=optim_niter, tol=tol, prev=prev)
 
 
 def nash_mtl(
@@ -42,15 +42,17 @@ def nash_mtl(
   The reference (AvivNavon/nash-mtl) runs up to 20 convex-concave steps with cvxpy and often
   stops far from that fixed point; here `optim_niter` damped Newton steps on the equivalent
   convex problem min 1/2 alpha^T M alpha - sum log alpha (`nash_mtl_weights`) reach it to
-  float precision. If they do not reach max_i |alpha_i (M alpha)_i - 1| < `tol`, or a task's
-  row is zero, the previous alpha is kept (for that task), as the reference does on failure.
+  float precision, warm-started from the previous alpha. An iterate is accepted when
+  max_i |alpha_i (M alpha)_i - 1| < `tol`, when it is at the float rounding floor of that
+  residual, or when it is better than the previous alpha; otherwise, or where a task's row is
+  zero, the previous alpha is kept (for that task), as the reference does on failure.
   At the fixed point ||d|| = sqrt(K). As in the reference, the shared part of d is clipped to
   global norm `max_norm` (<= 0: no clipping), weights are recomputed every
   `update_weights_every` steps, and task-specific leaves get sum_i alpha_i row_i (unclipped).
   """
   return nash_aggregator(
       "nash_mtl", num_tasks,
-      lambda m, prev: nash_mtl_weights(m, optim_niter=optim_niter, tol=tol),
+      lambda m, prev: nash_mtl_weights(m, prev, optim_niter=optim_niter, tol=tol),
       update_weights_every=update_weights_every, optim_niter=optim_niter, max_norm=max_norm,
       shared=shared)
 
