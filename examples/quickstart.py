@@ -97,7 +97,7 @@ def methods(steps_per_epoch: int) -> dict[str, tuple[str, optax.GradientTransfor
   return {
       "EW": ("loss", mtl_optax.equal_weights()),
       "SI (log losses)": ("loss", mtl_optax.log_losses()),
-      "RLW": ("loss", mtl_optax.rlw(0)),
+      "RLW": ("loss", mtl_optax.rlw(key=0)),
       "DWA": ("loss", mtl_optax.dwa(k, steps_per_epoch)),
       "UW": ("loss", mtl_optax.uw(k)),
       "GLS": ("loss", mtl_optax.gls()),

@@ -9,7 +9,7 @@ from mtl_optax.rows import GramRows, GramUpdate, RepresentationRows, row_like
 from mtl_optax.loss.base import reweighter
 from mtl_optax.loss.dwa import DWAState, dwa
 from mtl_optax.loss.famo import FAMOState, famo
-from mtl_optax.loss.igb import BaseLoss, igb_v1
+from mtl_optax.loss.igb import IGBv1State, igb_v1
 from mtl_optax.loss.igb_v2 import IGBv2State, igb_v2
 from mtl_optax.loss.learned import LearnedScaleState, imtl_l, uw
 from mtl_optax.loss.random import RLWState, rlw
@@ -38,4 +38,77 @@ from mtl_optax.rl import SAC, SACState, sac
 # Metrics of the benchmark tables.
 from mtl_optax.metrics import delta_m
 
+# Every balancer by name (tests, benchmarks, configs).
+from mtl_optax import registry
+
 __version__ = "0.1.0"
+
+__all__ = (
+    "DBMTLState",
+    "DWAState",
+    "FAMOState",
+    "GradDropState",
+    "GradNormState",
+    "GradVacState",
+    "GramBalancerState",
+    "GramRows",
+    "GramUpdate",
+    "IGBv1State",
+    "IGBv2State",
+    "LearnedScaleState",
+    "MoCoState",
+    "NashMTLState",
+    "PCGradState",
+    "RLWState",
+    "RepresentationRows",
+    "SAC",
+    "SACState",
+    "aggregator",
+    "aligned_mtl",
+    "aligned_mtl_weights",
+    "cagrad",
+    "cagrad_weights",
+    "db_mtl",
+    "delta_m",
+    "dwa",
+    "equal_weights",
+    "famo",
+    "gls",
+    "graddrop",
+    "gradnorm",
+    "gradvac",
+    "gradvac_weights",
+    "gram_aggregator",
+    "igb_v1",
+    "igb_v2",
+    "imgrad",
+    "imgrad_nash",
+    "imgrad_nash_weights",
+    "imgrad_weights",
+    "imtl",
+    "imtl_g",
+    "imtl_g_weights",
+    "imtl_l",
+    "log_losses",
+    "mean_tasks",
+    "mgda",
+    "mgda_weights",
+    "moco",
+    "nash_mtl",
+    "nash_mtl_weights",
+    "pcgrad",
+    "pcgrad_weights",
+    "registry",
+    "reweighter",
+    "rlw",
+    "row_like",
+    "sac",
+    "sum_tasks",
+    "task_weights",
+    "upgrad",
+    "upgrad_weights",
+    "uw",
+    "value_and_jacrev",
+    "value_and_representation_jacrev",
+    "value_and_reweighted_grad",
+)

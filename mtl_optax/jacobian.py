@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.loss.base import check_positive_int
+from mtl_optax.checks import check_positive_int
 from mtl_optax.rows import GramRows, GramUpdate
 
 

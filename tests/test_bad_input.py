@@ -15,7 +15,7 @@ BALANCERS = {
     "equal_weights": lambda: mtl_optax.equal_weights(),
     "log_losses": lambda: mtl_optax.log_losses(),
     "gls": lambda: mtl_optax.gls(),
-    "rlw": lambda: mtl_optax.rlw(0),
+    "rlw": lambda: mtl_optax.rlw(key=0),
     "dwa": lambda: mtl_optax.dwa(K, 2),
     "uw": lambda: mtl_optax.uw(K),
     "imtl_l": lambda: mtl_optax.imtl_l(K),
@@ -145,7 +145,7 @@ def test_task_weights_of_gradient_balancers():
     mtl_optax.task_weights(tx, tx.init(None), losses())
   with pytest.raises(ValueError, match=r"gram has shape \(2, 2\), expected \(3, 3\)"):
     mtl_optax.task_weights(tx, tx.init(None), losses(), gram=jnp.eye(2))
-  tx = mtl_optax.graddrop(0)
+  tx = mtl_optax.graddrop(key=0)
   with pytest.raises(ValueError, match=r"graddrop is not Gram-based"):
     mtl_optax.task_weights(tx, tx.init(None), losses(), gram=jnp.eye(K))
   chain = optax.chain(mtl_optax.log_losses(), mtl_optax.mean_tasks(), optax.sgd(0.1))

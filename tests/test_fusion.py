@@ -23,7 +23,7 @@ AGGREGATORS = {
     "nash_mtl": lambda shared: mtl_optax.nash_mtl(K, shared=shared),
     "aligned_mtl": lambda shared: mtl_optax.aligned_mtl(K, shared=shared),
     "upgrad": lambda shared: mtl_optax.upgrad(K, shared=shared),
-    "graddrop": lambda shared: mtl_optax.graddrop(0, shared=shared),
+    "graddrop": lambda shared: mtl_optax.graddrop(key=0, shared=shared),
     "gradvac": lambda shared: mtl_optax.gradvac(K, key=0, shared=shared),
     "gradnorm": lambda shared: mtl_optax.gradnorm(K, shared=shared),
     "moco": lambda shared: mtl_optax.moco(K, shared=shared),
@@ -89,7 +89,7 @@ def test_igb_v2_nash_mtl_adam_trains_under_jit():
   x = jax.random.normal(jax.random.PRNGKey(0), (16, 4))
   params = {"trunk": 0.3 * jax.random.normal(jax.random.PRNGKey(1), (4, 5)),
             "heads": 0.3 * jax.random.normal(jax.random.PRNGKey(2), (5, K))}
-  tx = optax.chain(mtl_optax.igb_v2(K, 2, key=0, update_e=1, use_e=2, update_every=2,
+  tx = optax.chain(mtl_optax.igb_v2(K, 2, key=0, train_from_epoch=1, act_from_epoch=2, update_every=2,
                                     buffer_size=16, batch_size=8),
                    mtl_optax.nash_mtl(K, shared=SHARED), optax.adam(1e-2))
   state = tx.init(params)

@@ -47,7 +47,7 @@ def _acts_greedily(state, obs):
 def test_schedule_matches_card_step_by_step():
   k, spe, update_e, use_e, every, cap, batch = 3, 2, 3, 5, 3, 8, 4
   schedule = lambda t: 0.1 * 0.5 ** (t // 5)  # the model's learning rate
-  tx = mtl_optax.igb_v2(k, spe, key=0, update_e=update_e, use_e=use_e, update_every=every,
+  tx = mtl_optax.igb_v2(k, spe, key=0, train_from_epoch=update_e, act_from_epoch=use_e, update_every=every,
                         buffer_size=cap, batch_size=batch, reward_lr_schedule=schedule)
   steps = 18
   losses = np.random.default_rng(0).uniform(0.2, 2.0, (steps, k)).astype(np.float32)
@@ -93,7 +93,7 @@ def test_schedule_matches_card_step_by_step():
 
 def test_normalized_state_and_unit_reward_scale():
   k, spe, use_e = 2, 2, 3
-  tx = mtl_optax.igb_v2(k, spe, key=1, update_e=100, use_e=use_e, buffer_size=4, batch_size=4,
+  tx = mtl_optax.igb_v2(k, spe, key=1, train_from_epoch=100, act_from_epoch=use_e, buffer_size=4, batch_size=4,
                         normalize_state=True)
   losses = np.random.default_rng(1).uniform(0.5, 3.0, (8, k)).astype(np.float32)
   weights, states = _run_schedule(tx, losses)
@@ -129,8 +129,8 @@ def test_bad_input():
     tx.update(jnp.ones((3, 2)), state, losses=jnp.ones(2))
   with pytest.raises(ValueError, match="positive"):
     tx.update(jnp.ones((3, 2)), state, losses=jnp.array([1.0, 0.0, 1.0]))
-  with pytest.raises(ValueError, match="use_e"):
-    mtl_optax.igb_v2(3, 2, key=0, use_e=-1)
+  with pytest.raises(ValueError, match="act_from_epoch"):
+    mtl_optax.igb_v2(3, 2, key=0, act_from_epoch=-1)
 
 
 # A toy multi-task regression: shared slope, one bias per task (task-specific).
@@ -150,7 +150,7 @@ def loss_fn(params):
 
 def _igb(key=0):
   # All phases within STEPS: L_base from step 4, SAC training at steps 4, 6, 8, actor from 4.
-  return mtl_optax.igb_v2(K, 2, key=key, update_e=1, use_e=2, update_every=2, buffer_size=8,
+  return mtl_optax.igb_v2(K, 2, key=key, train_from_epoch=1, act_from_epoch=2, update_every=2, buffer_size=8,
                           batch_size=4)
 
 
@@ -258,7 +258,7 @@ def test_checkpoint_and_resume_is_exact():
 
 
 def test_single_task_is_finite():
-  tx = mtl_optax.igb_v2(1, 1, key=0, update_e=0, use_e=0, update_every=1, buffer_size=4,
+  tx = mtl_optax.igb_v2(1, 1, key=0, train_from_epoch=0, act_from_epoch=0, update_every=1, buffer_size=4,
                         batch_size=2)
   step = jax.jit(lambda state, l: mtl_optax.task_weights(tx, state, l))
   state = jax.jit(tx.init)(None)

@@ -72,7 +72,7 @@ REWEIGHTERS = {
     "equal_weights": lambda: mtl_optax.equal_weights(),
     "log_losses": lambda: mtl_optax.log_losses(),
     "gls": lambda: mtl_optax.gls(),
-    "rlw": lambda: mtl_optax.rlw(3, scale=K),
+    "rlw": lambda: mtl_optax.rlw(K, key=3),
     "dwa": lambda: mtl_optax.dwa(K, 2),
     "uw": lambda: mtl_optax.uw(K, learning_rate=0.05),
     "imtl_l": lambda: mtl_optax.imtl_l(K, learning_rate=0.05),

@@ -178,13 +178,14 @@ def test_imtl_l_fixed_point_is_log_loss():
 def test_rlw(scale):
   steps, seed = 5, 7
   losses = random_losses(steps)
-  got = run(mtl_optax.rlw(seed, scale=scale), losses)
+  got = run(mtl_optax.rlw(scale, key=seed), losses)
   assert np.all(got > 0)
   np.testing.assert_allclose(got.sum(1), scale, rtol=RTOL)
   assert all(not np.allclose(got[t], got[t + 1]) for t in range(steps - 1))
   # Reproducible from the key (an int seed and its PRNGKey agree); another seed differs.
-  np.testing.assert_array_equal(run(mtl_optax.rlw(jax.random.PRNGKey(seed), scale), losses), got)
-  assert not np.allclose(run(mtl_optax.rlw(seed + 1, scale), losses), got)
+  np.testing.assert_array_equal(
+      run(mtl_optax.rlw(scale, key=jax.random.PRNGKey(seed)), losses), got)
+  assert not np.allclose(run(mtl_optax.rlw(scale, key=seed + 1), losses), got)
   # For the z the state's key draws at each step, the weights are scale * softmax(z).
   key = jax.random.PRNGKey(seed)
   for t in range(steps):
@@ -195,7 +196,7 @@ def test_rlw(scale):
 
 def test_rlw_weights_are_not_biased():
   """Over many draws each task's weight averages scale / K (softmax of i.i.d. normals)."""
-  tx = mtl_optax.rlw(0)
+  tx = mtl_optax.rlw(key=0)
   losses = jnp.ones(K)
   def body(state, _):
     s, state = mtl_optax.task_weights(tx, state, losses)
@@ -267,7 +268,7 @@ ALL = {
     "equal_weights": lambda k: mtl_optax.equal_weights(),
     "log_losses": lambda k: mtl_optax.log_losses(),
     "gls": lambda k: mtl_optax.gls(),
-    "rlw": lambda k: mtl_optax.rlw(0),
+    "rlw": lambda k: mtl_optax.rlw(key=0),
     "dwa": lambda k: mtl_optax.dwa(k, 1),
     "uw": lambda k: mtl_optax.uw(k),
     "imtl_l": lambda k: mtl_optax.imtl_l(k),

@@ -64,7 +64,7 @@ def gram_based(k, shared):
 
 def not_gram_based(k):
   return {
-      "graddrop": mtl_optax.graddrop(0),
+      "graddrop": mtl_optax.graddrop(key=0),
       "moco": mtl_optax.moco(k),
       "db_mtl": mtl_optax.db_mtl(k),
   }
@@ -189,7 +189,7 @@ def fusions(k):
   return {
       "igb_v1+nash_mtl": optax.chain(mtl_optax.igb_v1(k, 1), mtl_optax.nash_mtl(k)),
       "igb_v2+nash_mtl": optax.chain(
-          mtl_optax.igb_v2(k, 1, key=0, update_e=1, use_e=2, update_every=2, buffer_size=16,
+          mtl_optax.igb_v2(k, 1, key=0, train_from_epoch=1, act_from_epoch=2, update_every=2, buffer_size=16,
                            batch_size=4), mtl_optax.nash_mtl(k)),
   }
 

@@ -84,7 +84,7 @@ def np_min_norm(m):
 
 
 def np_ball(m, w, radius, c):
-  """CAGrad's d = g0 + radius g_w / ||g_w||, rescale 1, times K (as `cagrad`'s defaults)."""
+  """CAGrad's d = g0 + radius g_w / ||g_w||, rescale '1+c^2', times K (as `cagrad`'s defaults)."""
   k = len(m)
   return (1.0 / k + radius / (np.sqrt(max(w @ m @ w, 0.0)) + 1e-8) * w) / (1 + c**2) * k
 

@@ -69,7 +69,7 @@ def test_jit_of_whole_step_equals_eager():
 def test_vmap_over_seeds_equals_separate_runs():
   """Seeds give different initial parameters and RLW keys; vmap equals four separate runs."""
   def make_tx(key):
-    return optax.chain(mtl_optax.igb_v1(K, 2), mtl_optax.rlw(key, scale=K),
+    return optax.chain(mtl_optax.igb_v1(K, 2), mtl_optax.rlw(K, key=key),
                        mtl_optax.sum_tasks(), optax.adam(1e-2))
 
   def init(seed):

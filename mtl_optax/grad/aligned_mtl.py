@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
+from mtl_optax.checks import check_choice
 from mtl_optax.grad.base import gram_aggregator
 
 ScaleMode = Literal["min", "rmse"]
@@ -40,8 +41,7 @@ def aligned_mtl(num_tasks: int, scale_mode: ScaleMode = "min", *,
   (torchjd averages them: 1/K times ours); weights `aligned_mtl_weights`. Task-specific leaves
   get the plain sum of their rows.
   """
-  if scale_mode not in ("min", "rmse"):
-    raise ValueError(f"aligned_mtl: scale_mode must be 'min' or 'rmse', got {scale_mode!r}.")
+  check_choice(scale_mode, ("min", "rmse"), "aligned_mtl: scale_mode")
   return gram_aggregator(
       "aligned_mtl", num_tasks, lambda params: optax.EmptyState(),
       lambda gram, state, losses: (aligned_mtl_weights(gram, scale_mode), None, state),

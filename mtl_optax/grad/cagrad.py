@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
+from mtl_optax.checks import check_choice
 from mtl_optax.grad.base import gram_aggregator
 
-RESCALES = (0, 1, 2)
-
-
-def check_rescale(rescale: int, name: str) -> None:
-  if rescale not in RESCALES:
-    raise ValueError(f"{name}: rescale must be one of {RESCALES}, got {rescale!r}.")
+Rescale = Literal["none", "1+c^2", "1+c"]
+RESCALES: tuple[Rescale, ...] = ("none", "1+c^2", "1+c")
 
 
 def unit_gram(m: jax.Array) -> jax.Array:
@@ -30,16 +29,18 @@ def combined_norm(w: jax.Array, m: jax.Array) -> jax.Array:
 
 
 def ball_weights(
-    m: jax.Array, w: jax.Array, radius: jax.Array, c: float, rescale: int, scale_by_num_tasks: bool
+    m: jax.Array, w: jax.Array, radius: jax.Array, c: float, rescale: Rescale,
+    scale_by_num_tasks: bool
 ) -> jax.Array:
   """Weights of d = g0 + radius / (||g_w|| + 1e-8) g_w, rescaled (Liu et al. 2021a, Eq. 9).
 
-  rescale 0: d; 1: d / (1 + c^2); 2: d / (1 + c); then times K if `scale_by_num_tasks`.
+  rescale 'none': d; '1+c^2': d / (1 + c^2); '1+c': d / (1 + c); then times K if
+  `scale_by_num_tasks`.
   """
   k = m.shape[0]
   gw_norm = jnp.sqrt(jnp.maximum(w @ m @ w, 0.0))
   d = 1.0 / k + radius / (gw_norm + 1e-8) * w
-  d = d / (1.0, 1.0 + c**2, 1.0 + c)[rescale]
+  d = d / {"none": 1.0, "1+c^2": 1.0 + c**2, "1+c": 1.0 + c}[rescale]
   return d * k if scale_by_num_tasks else d
 
 
@@ -47,7 +48,7 @@ def cagrad_weights(
     gram: jax.Array,
     c: float = 0.4,
     *,
-    rescale: int = 1,
+    rescale: Rescale = "1+c^2",
     scale_by_num_tasks: bool = True,
     max_iter: int = 500,
     tol: float = 1e-7,
@@ -68,7 +69,7 @@ def cagrad(
     num_tasks: int,
     c: float = 0.4,
     *,
-    rescale: int = 1,
+    rescale: Rescale = "1+c^2",
     scale_by_num_tasks: bool = True,
     max_iter: int = 500,
     tol: float = 1e-7,
@@ -80,12 +81,13 @@ def cagrad(
   reference code (Cranial-XIX/CAGrad): ||g0|| = sqrt(mean(M) + 1e-8), radius c ||g0|| + 1e-8,
   objective w^T M 1/K + radius sqrt(w^T M w + 1e-8), solved by FISTA on the simplex
   (`solvers.simplex_minimize`) instead of SLSQP. Defaults: c = 0.4 (the NYUv2 script), rescale
-  1 (d / (1 + c^2)), and `scale_by_num_tasks=True`: the authors' code multiplies d by K to
+  '1+c^2' (d / (1 + c^2): the reference's rescale=1; 'none' and '1+c' are its 0 and 2), and
+  `scale_by_num_tasks=True`: the authors' code multiplies d by K to
   match the sum of losses (LibMTL does not: pass False). The epsilons act on M / (trace/K), a
   scale-free deviation from the reference. Task-specific leaves get the plain sum. The
   weights are `cagrad_weights`.
   """
-  check_rescale(rescale, "cagrad")
+  check_choice(rescale, RESCALES, "cagrad: rescale")
 
   def weights(m, state, losses):
     del losses

@@ -10,7 +10,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import aggregator, shared_zeros
-from mtl_optax.loss.base import check_positive_int
+from mtl_optax.checks import check_positive_int
 from mtl_optax.loss.scale import log_losses
 
 _EPS = 1e-8  # the reference's guard in u_max / (u_i + eps)

@@ -10,7 +10,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import aggregator
-from mtl_optax.loss.random import as_key
+from mtl_optax.keys import as_key
 
 _EPS = 1e-7  # LibMTL's guard in the purity's denominator (all-zero entries get P = 1/2)
 
@@ -33,7 +33,7 @@ def graddrop_leaf(rows: jax.Array, key: jax.Array, leak: jax.Array) -> jax.Array
   return ((leak + (1.0 - leak) * keep) * rows).sum(0)
 
 
-def graddrop(key: jax.Array | int, leak: float | jax.Array = 0.0, *,
+def graddrop(leak: float | jax.Array = 0.0, *, key: jax.Array | int,
              shared: tree_lib.MaskOrFn = None,
              num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
   """GradDrop: per entry, keep only the rows whose sign a random draw picks, then sum.

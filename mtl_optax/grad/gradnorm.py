@@ -10,7 +10,8 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
-from mtl_optax.loss.base import check_positive_int, positive
+from mtl_optax.checks import check_positive_int
+from mtl_optax.loss.base import positive
 
 _MIN_WEIGHT = 1e-8  # weights are floored here before renormalizing, so they stay positive
 

@@ -11,7 +11,7 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
 from mtl_optax.grad.pcgrad import task_orders
-from mtl_optax.loss.random import as_key
+from mtl_optax.keys import as_key
 
 _EPS = 1e-8  # the reference's guard in both denominators (LibMTL GradVac)
 

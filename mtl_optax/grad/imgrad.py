@@ -9,7 +9,8 @@ import optax
 from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
-from mtl_optax.grad.cagrad import ball_weights, check_rescale, combined_norm, unit_gram
+from mtl_optax.checks import check_choice
+from mtl_optax.grad.cagrad import RESCALES, Rescale, ball_weights, combined_norm, unit_gram
 from mtl_optax.grad.nash_mtl import nash_aggregator
 
 FORMS = ("reference", "paper_eq11", "paper_eq9")
@@ -33,7 +34,7 @@ def imgrad_weights(
     c: float = 0.8,
     *,
     form: str = "reference",
-    rescale: int = 1,
+    rescale: Rescale = "1+c^2",
     scale_by_num_tasks: bool = True,
     max_iter: int = 500,
     tol: float = 1e-7,
@@ -63,7 +64,7 @@ def imgrad(
     c: float = 0.8,
     *,
     form: str = "reference",
-    rescale: int = 1,
+    rescale: Rescale = "1+c^2",
     scale_by_num_tasks: bool = True,
     max_iter: int = 500,
     tol: float = 1e-7,
@@ -77,15 +78,14 @@ def imgrad(
     'reference' (default; zzpustc/IMGrad, NYUv2): (1.5 - cos) g_w.g0 + cos sqrt(phi) ||g_w||;
     'paper_eq11': (1 - cos) g_w.g0 + cos sqrt(phi) ||g_w||^2 (Eq. 11);
     'paper_eq9': (1 - cos)(g_w.g0 + sqrt(phi) ||g_w||) + cos ||g_w||^2 (Eq. 9).
-  Then d = g0 + sqrt(phi) / (||g_w|| + 1e-8) g_w, rescaled as in `cagrad` (rescale 1:
-  d / (1 + c^2), then times K as the reference does). c = 0.8 is the reference's NYUv2 script.
+  Then d = g0 + sqrt(phi) / (||g_w|| + 1e-8) g_w, rescaled as in `cagrad` (rescale
+  '1+c^2': d / (1 + c^2), then times K as the reference does). c = 0.8 is the reference's NYUv2 script.
   All terms are computed on M / (trace/K), which also fixes the scale of the paper forms (they
   mix g^2 and g^3 terms). The weights are `imgrad_weights`; the Nash-MTL variant (Eq. 13) is
   `imgrad_nash`. Task-specific leaves get the plain sum.
   """
-  if form not in FORMS:
-    raise ValueError(f"imgrad: form must be one of {FORMS}, got {form!r}.")
-  check_rescale(rescale, "imgrad")
+  check_choice(form, FORMS, "imgrad: form")
+  check_choice(rescale, RESCALES, "imgrad: rescale")
 
   def weights(m, state, losses):
     del losses

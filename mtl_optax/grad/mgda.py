@@ -8,6 +8,7 @@ import optax
 
 from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
+from mtl_optax.checks import check_choice
 from mtl_optax.grad.base import gram_aggregator
 from mtl_optax.loss.base import positive
 
@@ -75,10 +76,8 @@ def mgda(
   satisfies g_i . d >= ||d||^2 for every task. Task-specific leaves get the plain sum.
   The weights are `mgda_weights`.
   """
-  if normalization not in NORMALIZATIONS:
-    raise ValueError(f"mgda: normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
-  if apply_to not in APPLY_TO:
-    raise ValueError(f"mgda: apply_to must be one of {APPLY_TO}, got {apply_to!r}.")
+  check_choice(normalization, NORMALIZATIONS, "mgda: normalization")
+  check_choice(apply_to, APPLY_TO, "mgda: apply_to")
   uses_losses = normalization in ("loss", "loss+")
 
   def weights(m, state, losses):

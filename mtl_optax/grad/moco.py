@@ -10,7 +10,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import aggregator, shared_zeros
-from mtl_optax.loss.base import check_positive_int
+from mtl_optax.checks import check_choice, check_positive_int
 
 _EPS = 1e-8  # LibMTL's guard when normalizing the rows
 
@@ -38,8 +38,7 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
   needs `losses`. y starts at 0 and lambda at 1/K. Task-specific leaves get the plain sum.
   """
   check_positive_int(num_tasks, "moco: num_tasks")
-  if simplex not in ("softmax", "projection"):
-    raise ValueError(f"moco: simplex must be 'softmax' or 'projection', got {simplex!r}.")
+  check_choice(simplex, ("softmax", "projection"), "moco: simplex")
   to_simplex = (jax.nn.softmax if simplex == "softmax"
                 else optax.projections.projection_simplex)
 

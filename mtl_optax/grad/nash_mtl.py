@@ -12,7 +12,7 @@ import optax
 from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import clip_weights, gram_aggregator
-from mtl_optax.loss.base import check_positive_int
+from mtl_optax.checks import check_positive_int
 
 
 class NashMTLState(NamedTuple):

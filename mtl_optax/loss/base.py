@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -54,10 +53,3 @@ def reweighter(
     return tree_lib.scale_rows(weights, updates), state
 
   return optax.GradientTransformationExtraArgs(init, update)
-
-
-def check_positive_int(value: int, what: str) -> int:
-  """Raises unless `value` is a positive integer (a static hyperparameter; not a bool)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-    raise ValueError(f"{what} must be a positive int, got {value!r}.")
-  return int(value)

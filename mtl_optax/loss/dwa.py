@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_optax.loss.base import check_positive_int, positive, reweighter
+from mtl_optax.checks import check_positive_int
+from mtl_optax.loss.base import positive, reweighter
 
 
 class DWAState(NamedTuple):

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.loss.base import check_positive_int, positive, reweighter
+from mtl_optax.checks import check_positive_int
+from mtl_optax.loss.base import positive, reweighter
 
 # FAMO's D_i = L_i - L_min,i + GAP_EPS (the reference code's 1e-8).
 GAP_EPS = 1e-8

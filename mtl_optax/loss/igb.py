@@ -8,34 +8,35 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_optax.loss.base import check_positive_int, positive, reweighter
+from mtl_optax.checks import check_positive_int
+from mtl_optax.loss.base import positive, reweighter
 
 
-class BaseLoss(NamedTuple):
+class IGBv1State(NamedTuple):
   """Running sum of the raw losses of epoch 2 (0-indexed epoch 1); L_base is its mean."""
   count: jax.Array     # steps taken
   epoch2_sum: jax.Array  # (K,)
 
 
-def base_loss_init(num_tasks: int) -> BaseLoss:
-  return BaseLoss(jnp.zeros([], jnp.int32), jnp.zeros((num_tasks,), jnp.float32))
+def base_loss_init(num_tasks: int) -> IGBv1State:
+  return IGBv1State(jnp.zeros([], jnp.int32), jnp.zeros((num_tasks,), jnp.float32))
 
 
-def base_loss_ready(base: BaseLoss, steps_per_epoch: int) -> jax.Array:
+def base_loss_ready(base: IGBv1State, steps_per_epoch: int) -> jax.Array:
   """Whether L_base exists: true from the first step of epoch 3 on."""
   return base.count >= 2 * steps_per_epoch
 
 
-def base_loss_value(base: BaseLoss, steps_per_epoch: int) -> jax.Array:
+def base_loss_value(base: IGBv1State, steps_per_epoch: int) -> jax.Array:
   """L_base = mean over epoch 2's batches of the raw losses (ones until it exists)."""
   return jnp.where(base_loss_ready(base, steps_per_epoch),
                    base.epoch2_sum / steps_per_epoch, 1.0)
 
 
-def base_loss_update(base: BaseLoss, losses: jax.Array, steps_per_epoch: int) -> BaseLoss:
+def base_loss_update(base: IGBv1State, losses: jax.Array, steps_per_epoch: int) -> IGBv1State:
   """Counts a step and adds its losses to the sum when it falls in epoch 2."""
   in_epoch2 = base.count // steps_per_epoch == 1
-  return BaseLoss(base.count + 1, base.epoch2_sum + jnp.where(in_epoch2, losses, 0.0))
+  return IGBv1State(base.count + 1, base.epoch2_sum + jnp.where(in_epoch2, losses, 0.0))
 
 
 def igb_v1(num_tasks: int, steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:

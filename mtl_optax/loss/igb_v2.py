@@ -8,16 +8,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_optax.loss.base import check_positive_int, positive, reweighter
-from mtl_optax.loss.igb import (BaseLoss, base_loss_init, base_loss_ready, base_loss_update,
+from mtl_optax.checks import check_nonnegative_int, check_positive_int
+from mtl_optax.loss.base import positive, reweighter
+from mtl_optax.loss.igb import (IGBv1State, base_loss_init, base_loss_ready, base_loss_update,
                                 base_loss_value)
-from mtl_optax.loss.random import as_key, random_weights
+from mtl_optax.keys import as_key
+from mtl_optax.loss.random import random_weights
 from mtl_optax.rl.replay import Transition
 from mtl_optax.rl.sac import SACState, sac
 
 
 class IGBv2State(NamedTuple):
-  base: BaseLoss            # step counter and L_base
+  base: IGBv1State            # step counter and L_base
   prev_losses: jax.Array    # (K,) raw losses of the previous step
   prev_weights: jax.Array   # (K,) weights w of the previous step
   key: jax.Array            # RLW draws and the actor's sampling noise
@@ -41,12 +43,12 @@ def igb_v2(
     steps_per_epoch: int,
     *,
     key: jax.Array | int,
-    update_e: int = 3,
-    use_e: int = 5,
+    train_from_epoch: int = 3,
+    act_from_epoch: int = 5,
     update_every: int = 50,
     buffer_size: int = 10_000,
     batch_size: int = 256,
-    learning_rate: optax.ScalarOrSchedule = 3e-4,
+    agent_learning_rate: optax.ScalarOrSchedule = 3e-4,
     gamma: float = 0.99,
     tau: float = 0.005,
     init_temperature: float = 0.2,
@@ -62,28 +64,28 @@ def igb_v2(
        (L(t-1), w(t-1), r, L(t)), r = alpha * min_i (L_i(t-1) - L_i(t)) / L_base,i, with
        alpha = schedule(0) / schedule(t) for `reward_lr_schedule` (the model's learning rate
        schedule), else 1;
-    2. if t >= update_e * steps_per_epoch and t % update_every == 0 (and the buffer is not
-       empty), run `train_sizes` SAC updates on rows sampled from the buffer;
-    3. w = K softmax(z), z ~ N(0, I), before epoch `use_e`, then the actor's stochastic action
-       for the state L(t) (divided by L_base with `normalize_state`).
-  `learning_rate`, `gamma`, `tau`, `init_temperature`, `target_entropy` (None: -K),
+    2. if t >= train_from_epoch * steps_per_epoch and t % update_every == 0 (and the buffer
+       is not empty), run `train_sizes` SAC updates on rows sampled from the buffer;
+    3. w = K softmax(z), z ~ N(0, I), before epoch `act_from_epoch`, then the actor's
+       stochastic action for the state L(t) (divided by L_base with `normalize_state`).
+  `train_from_epoch` and `act_from_epoch` are the reference's `update_e` and `use_e`.
+  `agent_learning_rate`, `gamma`, `tau`, `init_temperature`, `target_entropy` (None: -K),
   `buffer_size` and `batch_size` configure the SAC agent (`mtl_optax.rl.sac`). Losses must be
   positive.
 
   As in the reference, the first transition (step 2 steps_per_epoch) starts from the last step
   of epoch 2 and its RLW weights. Differences: training is skipped while the buffer is empty
-  (possible only with update_e < 2; the reference would fail to sample); the update counts
-  use exact integer arithmetic and at least one row; the reference sets its reward scale once
-  per epoch (and its QM9 trainer, reading the current rate twice, always gets 1), ours is
+  (possible only with train_from_epoch < 2; the reference would fail to sample); the update
+  counts use exact integer arithmetic and at least one row; the reference sets its reward scale
+  once per epoch (and its QM9 trainer, reading the current rate twice, always gets 1), ours is
   schedule(0) / schedule(t) at every step.
   """
   check_positive_int(num_tasks, "igb_v2: num_tasks")
   check_positive_int(steps_per_epoch, "igb_v2: steps_per_epoch")
   check_positive_int(update_every, "igb_v2: update_every")
-  for value, what in ((update_e, "update_e"), (use_e, "use_e")):
-    if not isinstance(value, int) or value < 0:
-      raise ValueError(f"igb_v2: {what} must be a non-negative int, got {value!r}.")
-  agent = sac(num_tasks, num_tasks, learning_rate=learning_rate, gamma=gamma, tau=tau,
+  check_nonnegative_int(train_from_epoch, "igb_v2: train_from_epoch")
+  check_nonnegative_int(act_from_epoch, "igb_v2: act_from_epoch")
+  agent = sac(num_tasks, num_tasks, learning_rate=agent_learning_rate, gamma=gamma, tau=tau,
               init_temperature=init_temperature, target_entropy=target_entropy,
               buffer_size=buffer_size, batch_size=batch_size)
 
@@ -108,14 +110,14 @@ def igb_v2(
                                lambda a: agent.add(a, transition), lambda a: a, state.agent)
 
     fill = agent_state.buffer.fill
-    train_now = (step >= update_e * steps_per_epoch) & (step % update_every == 0) & (fill > 0)
+    train_now = (step >= train_from_epoch * steps_per_epoch) & (step % update_every == 0) & (fill > 0)
     num_updates, rows = train_sizes(fill, buffer_size, update_every, batch_size)
     # Zero updates when not training: the loop is then a no-op, also under vmap, where a
     # lax.cond with a batched predicate would run the training branch for every member.
     agent_state = agent.train(agent_state, jnp.where(train_now, num_updates, 0), rows)
 
     key, rlw_key, act_key = jax.random.split(state.key, 3)
-    w = jnp.where(step < use_e * steps_per_epoch,
+    w = jnp.where(step < act_from_epoch * steps_per_epoch,
                   random_weights(rlw_key, num_tasks, float(num_tasks)),
                   agent.act(agent_state, observe(losses), act_key))
     new_state = IGBv2State(base_loss_update(state.base, losses, steps_per_epoch), losses, w,

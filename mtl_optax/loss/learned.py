@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mtl_optax.loss.base import check_positive_int, reweighter
+from mtl_optax.checks import check_positive_int
+from mtl_optax.loss.base import reweighter
 
 
 class LearnedScaleState(NamedTuple):

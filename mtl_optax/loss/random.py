@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_optax.keys import as_key
 from mtl_optax.loss.base import reweighter
 
 
@@ -15,17 +16,12 @@ class RLWState(NamedTuple):
   key: jax.Array
 
 
-def as_key(key: jax.Array | int) -> jax.Array:
-  """A raw uint32 PRNG key from an int seed or a key."""
-  return jax.random.PRNGKey(key) if isinstance(key, int) else jnp.asarray(key)
-
-
 def random_weights(key: jax.Array, k: int, scale: float) -> jax.Array:
   """scale * softmax(z), z ~ N(0, I_K): Lin et al. 2022 (RLW), Sec. 3."""
   return scale * jax.nn.softmax(jax.random.normal(key, (k,)))
 
 
-def rlw(key: jax.Array | int, scale: float = 1.0) -> optax.GradientTransformationExtraArgs:
+def rlw(scale: float = 1.0, *, key: jax.Array | int) -> optax.GradientTransformationExtraArgs:
   """RLW: fresh weights scale * softmax(N(0, I)) every step (Lin et al. 2022, TMLR).
 
   `scale=1` follows LibMTL; the IGB paper uses `scale=K`.

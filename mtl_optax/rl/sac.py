@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_optax.loss.base import check_positive_int
+from mtl_optax.checks import check_positive_int
 from mtl_optax.rl.replay import (ReplayBuffer, Transition, replay_add, replay_init,
                                  replay_sample)
 

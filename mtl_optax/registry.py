@@ -1,0 +1,153 @@
+"""Every balancer by name, built from one uniform signature, with the properties it claims.
+
+One registry serves the tests (the property suite runs over it: a new method joins by being
+added here) and the benchmarks (`benchmarks/methods.py`), and lets users pick a method from a
+config string:
+
+  >>> import mtl_optax
+  >>> tx = mtl_optax.registry.build("nash_mtl", num_tasks=3)
+  >>> mtl_optax.registry.METHODS["mgda"].kind
+  'gradient'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import optax
+
+from mtl_optax import tree as tree_lib
+from mtl_optax.grad.aligned_mtl import aligned_mtl
+from mtl_optax.grad.cagrad import cagrad
+from mtl_optax.grad.db_mtl import db_mtl
+from mtl_optax.grad.graddrop import graddrop
+from mtl_optax.grad.gradnorm import gradnorm
+from mtl_optax.grad.gradvac import gradvac
+from mtl_optax.grad.imgrad import imgrad, imgrad_nash
+from mtl_optax.grad.imtl import imtl, imtl_g
+from mtl_optax.grad.mgda import mgda
+from mtl_optax.grad.moco import moco
+from mtl_optax.grad.nash_mtl import nash_mtl
+from mtl_optax.grad.pcgrad import pcgrad
+from mtl_optax.grad.upgrad import upgrad
+from mtl_optax.loss.dwa import dwa
+from mtl_optax.loss.famo import famo
+from mtl_optax.loss.igb import igb_v1
+from mtl_optax.loss.igb_v2 import igb_v2
+from mtl_optax.loss.learned import imtl_l, uw
+from mtl_optax.loss.random import rlw
+from mtl_optax.loss.scale import equal_weights, gls, log_losses
+
+Kind = Literal["loss", "gradient"]
+# Properties a method claims, checked by the property suite:
+#   "random": its update draws from a PRNG key (so outputs depend on the seed);
+#   "stateful": its update depends on earlier steps (EMAs, learned weights, previous alpha);
+#   "needs_losses": `update` needs the `losses` extra argument;
+#   "gram": its update is sum_i w_i g_i with w from the Gram matrix (the Gram-only path);
+#   "permutation_equivariant": relabelling the tasks permutes the weights the same way;
+#   "homogeneous": d(a G) = a d(G) for a > 0 (positive homogeneity of degree 1);
+#   "non_conflicting": g_i . d >= 0 for every task i.
+Property = Literal["random", "stateful", "needs_losses", "gram", "permutation_equivariant",
+                   "homogeneous", "non_conflicting"]
+Builder = Callable[..., optax.GradientTransformationExtraArgs]
+
+
+class Method(NamedTuple):
+  """A balancer's uniform builder `(num_tasks, *, steps_per_epoch, key, shared) -> transform`
+  (loss balancers ignore `shared`), whether it balances losses or gradients, and its claims."""
+  build: Builder
+  kind: Kind
+  properties: frozenset[str]
+
+
+def _loss(factory: Callable[[int, int, jax.Array | int], Any], *props: str) -> Method:
+  def build(num_tasks, *, steps_per_epoch=1, key=0, shared=None):
+    del shared
+    return factory(num_tasks, steps_per_epoch, key)
+  return Method(build, "loss", frozenset(props))
+
+
+def _grad(factory: Callable[[int, jax.Array | int, tree_lib.MaskOrFn], Any], *props: str) -> Method:
+  def build(num_tasks, *, steps_per_epoch=1, key=0, shared=None):
+    del steps_per_epoch
+    return factory(num_tasks, key, shared)
+  return Method(build, "gradient", frozenset(props))
+
+
+EQUIVARIANT = "permutation_equivariant"
+METHODS: dict[str, Method] = {
+    # Loss balancers (Table "loss balancers" of README).
+    "ew": _loss(lambda k, spe, key: equal_weights(), EQUIVARIANT),
+    "si": _loss(lambda k, spe, key: log_losses(), "needs_losses", EQUIVARIANT),
+    "rlw": _loss(lambda k, spe, key: rlw(key=key), "random"),
+    "dwa": _loss(lambda k, spe, key: dwa(k, spe), "stateful", "needs_losses",
+                 EQUIVARIANT),
+    "uw": _loss(lambda k, spe, key: uw(k), "stateful", "needs_losses", EQUIVARIANT),
+    "gls": _loss(lambda k, spe, key: gls(), "needs_losses", EQUIVARIANT),
+    "imtl_l": _loss(lambda k, spe, key: imtl_l(k), "stateful", "needs_losses",
+                    EQUIVARIANT),
+    "igb_v1": _loss(lambda k, spe, key: igb_v1(k, spe), "stateful", "needs_losses",
+                    EQUIVARIANT),
+    "igb_v2": _loss(lambda k, spe, key: igb_v2(k, spe, key=key), "random",
+                    "stateful", "needs_losses"),
+    "famo": _loss(lambda k, spe, key: famo(k), "stateful", "needs_losses",
+                  EQUIVARIANT),
+    # Gradient balancers (Table "gradient balancers" of README).
+    "mgda": _grad(lambda k, key, shared: mgda(k, shared=shared), "gram", EQUIVARIANT,
+                  "homogeneous", "non_conflicting"),
+    "pcgrad": _grad(lambda k, key, shared: pcgrad(k, key=key, shared=shared),
+                    "random", "gram", "homogeneous"),
+    "cagrad": _grad(lambda k, key, shared: cagrad(k, shared=shared), "gram",
+                    EQUIVARIANT, "homogeneous"),
+    "imtl_g": _grad(lambda k, key, shared: imtl_g(k, shared=shared), "gram",
+                    EQUIVARIANT, "homogeneous"),
+    "nash_mtl": _grad(lambda k, key, shared: nash_mtl(k, shared=shared),
+                      "stateful", "gram", EQUIVARIANT, "non_conflicting"),
+    "aligned_mtl": _grad(lambda k, key, shared: aligned_mtl(k, shared=shared),
+                         "gram", EQUIVARIANT, "homogeneous", "non_conflicting"),
+    "upgrad": _grad(lambda k, key, shared: upgrad(k, shared=shared), "gram",
+                    EQUIVARIANT, "homogeneous", "non_conflicting"),
+    "graddrop": _grad(lambda k, key, shared: graddrop(key=key, shared=shared),
+                      "random"),
+    "gradvac": _grad(lambda k, key, shared: gradvac(k, key=key, shared=shared),
+                     "random", "stateful", "gram"),
+    "gradnorm": _grad(lambda k, key, shared: gradnorm(k, shared=shared),
+                      "stateful", "needs_losses", "gram", EQUIVARIANT),
+    "moco": _grad(lambda k, key, shared: moco(k, shared=shared), "stateful",
+                  EQUIVARIANT),
+    "imtl": _grad(lambda k, key, shared: imtl(k, shared=shared), "stateful",
+                  "needs_losses", "gram", EQUIVARIANT),
+    "db_mtl": _grad(lambda k, key, shared: db_mtl(k, shared=shared), "stateful",
+                    "needs_losses", EQUIVARIANT),
+    "imgrad": _grad(lambda k, key, shared: imgrad(k, shared=shared), "gram",
+                    EQUIVARIANT, "homogeneous"),
+    "imgrad_nash": _grad(lambda k, key, shared: imgrad_nash(k, shared=shared),
+                         "stateful", "gram", EQUIVARIANT),
+}
+
+
+def names(kind: Kind | None = None, *, having: tuple[str, ...] = ()) -> list[str]:
+  """The registered names of `kind` (None: all) that claim every property in `having`."""
+  return [n for n, m in METHODS.items()
+          if (kind is None or m.kind == kind) and m.properties.issuperset(having)]
+
+
+def build(name: str, num_tasks: int, *, steps_per_epoch: int = 1, key: jax.Array | int = 0,
+          shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
+  """The balancer `name` with its defaults, for `num_tasks` tasks.
+
+  Args:
+    name: a key of `METHODS`.
+    num_tasks: K.
+    steps_per_epoch: used by the epoch-based loss balancers (DWA, IGBv1, IGBv2).
+    key: PRNG key or int seed of the random methods.
+    shared: the mask of shared parameters (gradient balancers).
+
+  Returns:
+    The `optax.GradientTransformationExtraArgs`.
+  """
+  if name not in METHODS:
+    raise ValueError(f"registry: unknown method {name!r}; known: {sorted(METHODS)}.")
+  return METHODS[name].build(num_tasks, steps_per_epoch=steps_per_epoch, key=key, shared=shared)
