@@ -35,6 +35,9 @@ from mtl_optax.grad.upgrad import upgrad, upgrad_weights
 # The SAC agent behind IGBv2.
 from mtl_optax.rl import SAC, SACState, sac
 
+# optax wrappers for shape-changing chains.
+from mtl_optax.wrappers import apply_if_finite
+
 # Metrics of the benchmark tables.
 from mtl_optax.metrics import delta_m
 
@@ -65,6 +68,7 @@ __all__ = (
     "SACState",
     "aggregator",
     "aligned_mtl",
+    "apply_if_finite",
     "aligned_mtl_weights",
     "cagrad",
     "cagrad_weights",

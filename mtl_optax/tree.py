@@ -82,6 +82,13 @@ def combine(weights: jax.Array, stacked: Tree) -> Tree:
   return jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), stacked)
 
 
+def weight_dtype(params: Any) -> jnp.dtype:
+  """The dtype of per-task weights for these parameters: that of their Gram matrix, float32
+  for float32 or lower precision (bfloat16), float64 for float64 (under jax_enable_x64)."""
+  leaves = [jnp.result_type(x) for x in jax.tree.leaves(params)]
+  return jnp.promote_types(jnp.result_type(*leaves) if leaves else jnp.float32, jnp.float32)
+
+
 def gram(stacked: Tree) -> jax.Array:
   """The K x K Gram matrix `G G^T` of the rows, as a sum of per-leaf contractions."""
   def leaf_gram(leaf):

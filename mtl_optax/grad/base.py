@@ -120,7 +120,8 @@ def gram_aggregator(
   check = _input_checker(name, **checks)
 
   def init(params):
-    return GramBalancerState(jnp.ones((num_tasks,), jnp.float32), init_fn(params))
+    return GramBalancerState(jnp.ones((num_tasks,), tree_lib.weight_dtype(params)),
+                             init_fn(params))
 
   def weigh(gram, state, losses):
     weights, specific_weights, inner = weight_fn(gram, state.inner, losses)
@@ -144,11 +145,12 @@ def gram_aggregator(
 
 
 def clip_weights(weights: jax.Array, gram: jax.Array, max_norm: float) -> jax.Array:
-  """w scaled so that ||sum_i w_i g_i|| = sqrt(w^T M w) <= max_norm (<= 0: unchanged)."""
-  if max_norm <= 0:
-    return weights
+  """w scaled so that ||sum_i w_i g_i|| = sqrt(w^T M w) <= max_norm (<= 0: unchanged).
+
+  `max_norm` may be traced (e.g. under `optax.inject_hyperparams`)."""
   norm = jnp.sqrt(jnp.maximum(weights @ gram @ weights, 0.0))
-  return weights * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+  clipped = weights * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+  return jnp.where(jnp.asarray(max_norm) > 0, clipped, weights)
 
 
 def shared_zeros(params: Any, num_tasks: int, shared: tree_lib.MaskOrFn) -> Any:

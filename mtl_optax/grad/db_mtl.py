@@ -43,12 +43,8 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
   def aggregate(rows, state, losses, params):
     del losses, params
     beta_k = beta / (state.count + 1).astype(jnp.float32)**beta_sigma
-
-    def ema(old, new):
-      b = beta_k.astype(old.dtype)
-      return b * old + (1 - b) * new
-
-    grads = jax.tree.map(ema, state.grads, rows)
+    grads = optax.tree.cast_like(optax.tree.update_moment(rows, state.grads, beta_k, 1),
+                                 state.grads)
     norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(grads)), 0.0))
     weights = norms.max() / (norms + _EPS)
     return tree_lib.combine(weights, grads), None, DBMTLState(state.count + 1, grads)

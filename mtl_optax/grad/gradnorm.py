@@ -53,9 +53,8 @@ def gradnorm(num_tasks: int, alpha: float = 1.5,
   optimizer = optax.adam(learning_rate)
 
   def init(params):
-    del params
-    weights = jnp.ones((num_tasks,), jnp.float32)
-    return GradNormState(weights, jnp.ones((num_tasks,), jnp.float32),
+    weights = jnp.ones((num_tasks,), tree_lib.weight_dtype(params))
+    return GradNormState(weights, jnp.ones((num_tasks,), weights.dtype),
                          jnp.zeros([], jnp.int32), optimizer.init(weights))
 
   def update_weights(gram, state, losses):

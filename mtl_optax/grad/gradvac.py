@@ -64,8 +64,8 @@ def gradvac(num_tasks: int, beta: float = 0.5, *, key: jax.Array | int,
   """
 
   def init(params):
-    del params
-    return GradVacState(as_key(key), jnp.zeros((num_tasks, num_tasks), jnp.float32))
+    return GradVacState(as_key(key),
+                        jnp.zeros((num_tasks, num_tasks), tree_lib.weight_dtype(params)))
 
   def weights(gram, state, losses):
     del losses

@@ -78,8 +78,8 @@ def nash_aggregator(
   check_positive_int(optim_niter, f"{name}: optim_niter")
 
   def init(params):
-    del params
-    return NashMTLState(jnp.zeros([], jnp.int32), jnp.ones((num_tasks,), jnp.float32))
+    return NashMTLState(jnp.zeros([], jnp.int32),
+                        jnp.ones((num_tasks,), tree_lib.weight_dtype(params)))
 
   def weights(m, state, losses):
     del losses
