@@ -32,6 +32,24 @@ def value_and_jacrev(fun: Callable[..., Any], has_aux: bool = False) -> Callable
   gradient of loss i). It is one `jax.vjp` vmapped over the K one-hot cotangents, as
   `jax.jacrev` computes it, but the losses come back from the same forward pass.
   With `has_aux`, `fun` returns `(losses, aux)` and the wrapper `((losses, aux), jac)`.
+
+  Args:
+    fun: `fun(params, *args, **kwargs) -> losses` of shape `(K,)` (with `has_aux`:
+      `(losses, aux)`).
+    has_aux: whether `fun` also returns auxiliary data.
+
+  Returns:
+    A function with `fun`'s arguments returning `(losses, jac)` (with `has_aux`:
+    `((losses, aux), jac)`), `jac` shaped like `params` with a leading axis K on every leaf:
+    the input of every balancer's `update`.
+
+  Example:
+    >>> import jax.numpy as jnp, mtl_optax
+    >>> fun = lambda p, x: jnp.stack([jnp.sum(p["w"] * x), jnp.sum(p["w"] ** 2)])  # K = 2
+    >>> losses, jac = mtl_optax.value_and_jacrev(fun)({"w": jnp.ones(3)}, jnp.arange(3.0))
+    >>> print(losses, jac["w"])
+    [3. 3.] [[0. 1. 2.]
+     [2. 2. 2.]]
   """
   def wrapped(params, *args, **kwargs):
     losses, vjp_fn, value = _vjp(fun, params, args, kwargs, has_aux, "value_and_jacrev")
@@ -55,6 +73,27 @@ def task_weights(
   gradient balancer (or a chain of loss balancers and one) also needs `gram`, the K x K Gram
   matrix of the shared rows; w is then on the raw rows (a loss balancer before it included).
   The state update is the one the stacked path makes.
+
+  Args:
+    balancer: a loss balancer, a Gram-based gradient balancer, or an `optax.chain` of loss
+      balancers and one gradient balancer (no optimizer).
+    state: the balancer's state (`balancer.init(params)`).
+    losses: `(K,)` losses.
+    params: the parameters, for balancers whose `shared` mask is a callable on them.
+    gram: `(K, K)` Gram matrix of the shared rows; needed by gradient balancers.
+    **extra_args: further extra arguments of `update` (e.g. FAMO's `post_step_losses`).
+
+  Returns:
+    `(weights, new_state)`: the `(K,)` weights w of d = sum_i w_i g_i on the raw rows (not
+    differentiated through) and the balancer's state after the update.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, optax, mtl_optax
+    >>> tx = optax.chain(mtl_optax.log_losses(), mtl_optax.imtl_g(2))
+    >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
+    >>> w, state = mtl_optax.task_weights(tx, tx.init(None), jnp.array([1.0, 2.0]), gram=gram)
+    >>> print(np.asarray(w).round(3))  # on the raw rows, the 1 / L_i scaling included
+    [0.508 0.246]
   """
   losses = jnp.asarray(losses)
   k = losses.shape[0]
@@ -94,6 +133,26 @@ def value_and_reweighted_grad(
   each), so memory is `chunk_size` rows rather than K; then `grad` = the VJP of
   sum_i w_i L_i (two VJPs when shared and task-specific leaves get different weights). Equal to
   the stacked path's update. With `has_aux`, `losses` is `(losses, aux)`.
+
+  Args:
+    fun: `fun(params, *args) -> losses` of shape `(K,)` (with `has_aux`: `(losses, aux)`).
+    balancer: a loss balancer, a Gram-based gradient balancer, or an `optax.chain` of loss
+      balancers and one gradient balancer, with no optimizer after it.
+    has_aux: whether `fun` also returns auxiliary data.
+    chunk_size: tasks whose rows are held at once while forming the Gram matrix.
+
+  Returns:
+    A function `f(params, state, *args, **extra_args) -> ((losses, grad), new_state)`, `grad`
+    shaped like `params`: the stacked path's update, without the K rows.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> fun = lambda p, x: jnp.stack([jnp.sum((p["w"] - x) ** 2), jnp.sum(p["w"] ** 2)])
+    >>> tx, params = mtl_optax.imtl_g(2), {"w": jnp.ones(2)}
+    >>> step = mtl_optax.value_and_reweighted_grad(fun, tx)
+    >>> (losses, grad), state = step(params, tx.init(params), jnp.array([2.0, 0.0]))
+    >>> print(losses, np.asarray(grad["w"]).round(3))
+    [2. 2.] [0. 2.]
   """
   check_positive_int(chunk_size, "value_and_reweighted_grad: chunk_size")
 

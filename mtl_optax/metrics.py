@@ -21,6 +21,17 @@ def delta_m(metrics: ArrayLike, baseline: ArrayLike, higher_is_better: ArrayLike
 
   Returns:
     Delta_m in percent, shape `metrics.shape[:-1]`.
+
+  References:
+    Maninis et al. 2019, "Attentive Single-Tasking of Multiple Tasks", CVPR,
+    arXiv:1904.08918; Dai et al. 2023, "Improvable Gap Balancing for Multi-Task Learning",
+    UAI, arXiv:2307.15429, Eq. 5.
+
+  Example:
+    >>> import numpy as np, mtl_optax
+    >>> metrics, baseline = [0.9, 0.5], [1.0, 0.4]  # an accuracy and an error
+    >>> print(np.round(mtl_optax.delta_m(metrics, baseline, [True, False]), 3))  # % worse
+    17.5
   """
   metrics = np.asarray(metrics, np.float64)
   baseline = np.asarray(baseline, np.float64)

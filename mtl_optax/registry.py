@@ -147,6 +147,14 @@ def build(name: str, num_tasks: int, *, steps_per_epoch: int = 1, key: jax.Array
 
   Returns:
     The `optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.registry.build("imtl_g", num_tasks=2)
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = tx.update(jac, tx.init({"w": jnp.zeros(2)}), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.51  0.653]
   """
   if name not in METHODS:
     raise ValueError(f"registry: unknown method {name!r}; known: {sorted(METHODS)}.")

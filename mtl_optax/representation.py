@@ -36,6 +36,34 @@ def value_and_representation_jacrev(
   is differentiated with respect to them only and `task_losses` with respect to the others
   only (and z), so the encoder must not read task-specific parameters nor the heads shared
   ones. With `has_aux`, `task_losses` returns `(losses, aux)` and `f` `((losses, aux), ...)`.
+
+  Args:
+    encode: `encode(params, *args) -> z`, the shared trunk.
+    task_losses: `task_losses(params, z, *args) -> losses` of shape `(K,)` (with `has_aux`:
+      `(losses, aux)`), the heads.
+    shared: the encoder's parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them.
+    has_aux: whether `task_losses` also returns auxiliary data.
+
+  Returns:
+    A function `f(params, *args) -> (losses, rows, pullback)` as described above.
+
+  References:
+    Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS,
+    arXiv:1810.04650, Sec. 3.3 (MGDA-UB).
+
+  Example:
+    >>> import jax.numpy as jnp, mtl_optax
+    >>> encode = lambda p, x: x @ p["enc"]  # z: (batch, 3)
+    >>> heads = lambda p, z, x: jnp.mean((z @ p["heads"]) ** 2, axis=0)  # K = 2 losses
+    >>> params = {"enc": jnp.ones((2, 3)), "heads": jnp.ones((3, 2))}
+    >>> shared = {"enc": True, "heads": False}  # the encoder's leaves
+    >>> f = mtl_optax.value_and_representation_jacrev(encode, heads, shared=shared)
+    >>> losses, rows, pullback = f(params, jnp.ones((4, 2)))
+    >>> tx = mtl_optax.imtl_g(2)
+    >>> d, state = tx.update(rows, tx.init(mtl_optax.row_like(rows)), losses=losses)
+    >>> print(rows.z.shape, pullback(d)["enc"].shape)
+    (2, 4, 3) (2, 3)
   """
   def wrapped(params, *args):
     mask = tree_lib.resolve_mask(shared, params)

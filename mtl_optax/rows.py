@@ -81,5 +81,17 @@ class RepresentationRows(NamedTuple):
 
 def row_like(rows: Tree) -> Tree:
   """Zeros shaped like one row of a stacked tree: what `balancer.init` takes on the
-  representation path (e.g. `balancer.init(row_like(rows))`), where state lives in z-space."""
+  representation path (e.g. `balancer.init(row_like(rows))`), where state lives in z-space.
+
+  Args:
+    rows: a stacked tree (leading axis K on every leaf), e.g. `RepresentationRows`.
+
+  Returns:
+    The same tree structure with zeros of shape `leaf.shape[1:]` and the leaves' dtypes.
+
+  Example:
+    >>> import jax.numpy as jnp, mtl_optax
+    >>> print(mtl_optax.row_like({"w": jnp.ones((3, 4, 2))})["w"].shape)  # K = 3 dropped
+    (4, 2)
+  """
   return jax.tree.map(lambda r: jnp.zeros(jnp.shape(r)[1:], r.dtype), rows)

@@ -57,6 +57,20 @@ def aggregator(
     num_tasks: K, when the state is per task.
     needs_losses: whether `losses` must be passed.
     needs_positive: whether losses must be positive (the method takes a log).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters: `aggregate_fn`'s output on the
+    shared leaves, sum_i v_i row_i (v = `specific_weights`, or ones) on the task-specific ones.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, mtl_optax
+    >>> def first_row(rows, state, losses, params):  # keep task 0's gradient only
+    ...   return jax.tree.map(lambda r: r[0], rows), None, state
+    >>> tx = mtl_optax.aggregator("first_row", lambda params: optax.EmptyState(), first_row)
+    >>> d, state = tx.update({"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}, tx.init(None))
+    >>> print(d["w"])
+    [1. 0.]
   """
   check = _input_checker(name, shared, num_tasks, needs_losses, needs_positive)
 
@@ -113,6 +127,20 @@ def gram_aggregator(
     weight_fn: `(M, state, losses) -> (w, v, state)`: shared leaves get sum_i w_i row_i,
       task-specific leaves sum_i v_i row_i (v None: the plain sum).
     shared, needs_losses, needs_positive: as for `aggregator`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf), or `GramRows` on the Gram-only path, to one gradient shaped like the
+    parameters (a `GramUpdate` on the Gram-only path); its state is a `GramBalancerState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, mtl_optax
+    >>> def inverse_norms(gram, state, losses):  # w_i = 1 / ||g_i||: sum of the unit rows
+    ...   return 1.0 / jnp.sqrt(jnp.diag(gram)), None, state
+    >>> tx = mtl_optax.gram_aggregator("unit", 2, lambda params: optax.EmptyState(), inverse_norms)
+    >>> d, state = tx.update({"w": jnp.array([[2.0, 0.0], [0.0, 4.0]])}, tx.init(None))
+    >>> print(d["w"], state.weights)
+    [1. 1.] [0.5  0.25]
   """
   check_positive_int(num_tasks, f"{name}: num_tasks")
   checks = dict(shared=shared, num_tasks=num_tasks, needs_losses=needs_losses,
@@ -174,10 +202,34 @@ def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransform
 
 
 def sum_tasks() -> optax.GradientTransformationExtraArgs:
-  """Sum of the (possibly reweighted) rows: equal weighting, or the end of any loss balancer."""
+  """Sum of the (possibly reweighted) rows: equal weighting, or the end of any loss balancer.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (stateless) from stacked per-task gradients
+    (leading axis K on every leaf) to their sum over the task axis, shaped like the parameters.
+
+  Example:
+    >>> import jax.numpy as jnp, mtl_optax
+    >>> tx = mtl_optax.sum_tasks()
+    >>> d, state = tx.update({"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}, tx.init(None))
+    >>> print(d["w"])
+    [0.5 2. ]
+  """
   return _reduce("sum_tasks", lambda k: 1.0)
 
 
 def mean_tasks() -> optax.GradientTransformationExtraArgs:
-  """Mean of the rows: equal weighting with weights 1/K."""
+  """Mean of the rows: equal weighting with weights 1/K.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (stateless) from stacked per-task gradients
+    (leading axis K on every leaf) to their mean over the task axis, shaped like the parameters.
+
+  Example:
+    >>> import jax.numpy as jnp, mtl_optax
+    >>> tx = mtl_optax.mean_tasks()
+    >>> d, state = tx.update({"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}, tx.init(None))
+    >>> print(d["w"])
+    [0.25 1.  ]
+  """
   return _reduce("mean_tasks", lambda k: 1.0 / k)

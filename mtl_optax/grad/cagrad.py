@@ -54,7 +54,29 @@ def cagrad_weights(
     tol: float = 1e-7,
 ) -> jax.Array:
   """CAGrad's weights: d = g0 + c ||g0|| g_w / ||g_w|| with w = argmin_{simplex}
-  g_w . g0 + c ||g0|| ||g_w|| (Liu et al. 2021a, Eq. 9), as weights on the rows."""
+  g_w . g0 + c ||g0|| ||g_w|| (Liu et al. 2021a, Eq. 9), as weights on the rows.
+
+  Args:
+    gram: `(K, K)` Gram matrix M = G G^T of the rows g_i.
+    c: the radius factor of the ball around the mean gradient g0.
+    rescale: 'none' | '1+c^2' | '1+c', the division of d (see `cagrad`).
+    scale_by_num_tasks: multiply the weights by K (the authors' code).
+    max_iter: step cap of the simplex solver (`solvers.simplex_minimize`).
+    tol: its tolerance on the change of w.
+
+  Returns:
+    `(K,)` weights of d = sum_i w_i g_i.
+
+  References:
+    Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS,
+    arXiv:2110.14048, Eq. 9.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
+    >>> print(np.asarray(jax.jit(mtl_optax.cagrad_weights)(gram)).round(3))
+    [1.573 0.862]
+  """
   k = gram.shape[0]
   m = unit_gram(gram)
   radius = c * jnp.sqrt(jnp.maximum(jnp.mean(m), 0.0) + 1e-8) + 1e-8
@@ -86,6 +108,33 @@ def cagrad(
   match the sum of losses (LibMTL does not: pass False). The epsilons act on M / (trace/K), a
   scale-free deviation from the reference. Task-specific leaves get the plain sum. The
   weights are `cagrad_weights`.
+
+  Args:
+    num_tasks: K.
+    c: the radius factor of the ball around the mean gradient g0 (c = 0: g0 itself).
+    rescale: 'none' (d), '1+c^2' (d / (1 + c^2)) or '1+c' (d / (1 + c)).
+    scale_by_num_tasks: multiply d by K (the authors' code; LibMTL: False).
+    max_iter: step cap of the simplex solver (`solvers.simplex_minimize`).
+    tol: its tolerance on the change of w.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a
+    `GramBalancerState` holding the last weights.
+
+  References:
+    Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS,
+    arXiv:2110.14048, Eq. 9 (dual of Eq. 3).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx, params = mtl_optax.cagrad(2), {"w": jnp.zeros(2)}
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = jax.jit(tx.update)(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [1.142 1.724]
   """
   check_choice(rescale, RESCALES, "cagrad: rescale")
 

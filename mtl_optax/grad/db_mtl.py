@@ -34,6 +34,32 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
   The one-call API is `optax.chain(log_losses(eps), <gradient part>)` (needs positive
   `losses`); `log_transform=False` returns the gradient part alone, for rows that another
   loss balancer chained before it has already transformed.
+
+  Args:
+    num_tasks: K.
+    beta: the EMA rate, beta_k = beta / k^beta_sigma.
+    beta_sigma: its decay exponent (0: a constant rate).
+    log_transform: chain `log_losses(eps)` in front (the full method; needs `losses`).
+    eps: the eps of log(L_i + eps).
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters: with `log_transform`, the chain
+    of `log_losses` and the gradient part, whose state is a `DBMTLState`.
+
+  References:
+    Lin et al. 2023, "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029, Alg. 1 and
+    Eqs. 1-2.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.db_mtl(2)
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = tx.update(jac, tx.init({"w": jnp.zeros(2)}), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.078 0.1  ]
   """
   check_positive_int(num_tasks, "db_mtl: num_tasks")
 

@@ -42,6 +42,30 @@ def graddrop(leak: float | jax.Array = 0.0, *, key: jax.Array | int,
   the paper and LibMTL apply it at a shared activation, with the inputs' signs). `leak` (a float
   or one per task) lets that fraction of every row through; 0 is the paper's default. A fresh
   draw per leaf every step, from the key in the state. Task-specific leaves get the plain sum.
+
+  Args:
+    leak: a float or `(K,)` floats, the fraction of each row always let through.
+    key: PRNG key or int seed of the per-entry draws.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+    num_tasks: K, checked against the rows when given.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a `GradDropState`
+    (the key).
+
+  References:
+    Chen et al. 2020, "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
+    Dropout", NeurIPS, arXiv:2010.06808, Alg. 1 and Eq. 1.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.graddrop(key=0)
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = tx.update(jac, tx.init({"w": jnp.zeros(2)}), losses=jnp.array([1.0, 2.0]))
+    >>> print(float(d["w"][0]) in (1.0, -0.5), float(d["w"][1]))  # one sign kept per entry
+    True 2.0
   """
   leak = jnp.asarray(leak, jnp.float32)
   if leak.ndim > 1:

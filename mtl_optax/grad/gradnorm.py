@@ -48,6 +48,30 @@ def gradnorm(num_tasks: int, alpha: float = 1.5,
   over all shared parameters (the diagonal of the Gram matrix), not only the last shared layer
   the paper uses: pass a `shared` mask holding that layer to follow the paper (then the other
   shared leaves count as task-specific and also get the weighted sum). Needs positive losses.
+
+  Args:
+    num_tasks: K.
+    alpha: the asymmetry hyperparameter (restoring force towards equal training rates).
+    learning_rate: of the Adam step on the loss weights w.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a
+    `GramBalancerState` around a `GradNormState` (loss weights, L_i(0), count).
+
+  References:
+    Chen et al. 2018, "GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep
+    Multitask Networks", ICML, arXiv:1711.02257, Alg. 1 and Eqs. 1-2.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.gradnorm(2)
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = tx.update(jac, tx.init({"w": jnp.zeros(2)}), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.5 2. ]
   """
   check_positive_int(num_tasks, "gradnorm: num_tasks")
   optimizer = optax.adam(learning_rate)

@@ -29,6 +29,28 @@ def gradvac_weights(gram: jax.Array, target: jax.Array, orders: jax.Array,
   phi = cos(gpc_i, g_j); if phi < target_ij, gpc_i += ||gpc_i|| (t sqrt(1 - phi^2) -
   phi sqrt(1 - t^2)) / (||g_j|| sqrt(1 - t^2)) g_j; then target_ij <- (1 - beta) t + beta phi.
   gpc_i = sum_m C_im g_m, so every dot product and norm comes from the Gram matrix.
+
+  Args:
+    gram: `(K, K)` Gram matrix M = G G^T of the rows g_i.
+    target: `(K, K)` the EMA targets phi-hat_ij.
+    orders: `(K, K)` ints, row i the order in which task i meets the tasks (`task_orders`).
+    beta: the EMA rate of the targets.
+
+  Returns:
+    `(w, target)`: `(K,)` weights of sum_i gpc_i = sum_m w_m g_m, and the updated `(K, K)`
+    targets.
+
+  References:
+    Wang et al. 2021, "Gradient Vaccine: Investigating and Improving Multi-task Optimization
+    in Massively Multilingual Models", ICLR, arXiv:2010.05874, Eq. 3 and Alg. 1.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
+    >>> orders = jnp.array([[0, 1], [1, 0]])  # the order in which each task meets the others
+    >>> w, target = mtl_optax.gradvac_weights(gram, jnp.zeros((2, 2)), orders, beta=0.5)
+    >>> print(np.asarray(w).round(3))
+    [1.5   1.118]
   """
   k = gram.shape[0]
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
@@ -61,6 +83,31 @@ def gradvac(num_tasks: int, beta: float = 0.5, *, key: jax.Array | int,
   Wang et al. 2021, Alg. 1, in LibMTL's form: beta = 0.5, targets start at 0, one group (all
   shared parameters; LibMTL's `GradVac_group_type=0`), a fresh random order per task every
   step (weights `gradvac_weights`). Task-specific leaves get the plain sum of their rows.
+
+  Args:
+    num_tasks: K.
+    beta: the EMA rate of the cosine targets.
+    key: PRNG key or int seed of the task orders.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a
+    `GramBalancerState` around a `GradVacState` (key, targets).
+
+  References:
+    Wang et al. 2021, "Gradient Vaccine: Investigating and Improving Multi-task Optimization
+    in Massively Multilingual Models", ICLR, arXiv:2010.05874, Alg. 1 (Eq. 3: the vaccinated
+    gradient).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx, params = mtl_optax.gradvac(2, key=0), {"w": jnp.zeros(2)}
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = jax.jit(tx.update)(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.941 2.235]
   """
 
   def init(params):

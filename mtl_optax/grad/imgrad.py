@@ -40,7 +40,30 @@ def imgrad_weights(
     tol: float = 1e-7,
 ) -> jax.Array:
   """IMGrad's weights (Zhou et al. 2025, Eqs. 9 and 11, and the reference code's form; see
-  `imgrad`): CAGrad's ball step with the dual objective weighted by cos(g0, g_m)."""
+  `imgrad`): CAGrad's ball step with the dual objective weighted by cos(g0, g_m).
+
+  Args:
+    gram: `(K, K)` Gram matrix M = G G^T of the rows g_i.
+    c: the radius factor, sqrt(phi) = c ||g0||.
+    form: the dual objective, 'reference' | 'paper_eq11' | 'paper_eq9' (see `imgrad`).
+    rescale: 'none' | '1+c^2' | '1+c', the division of d (as in `cagrad`).
+    scale_by_num_tasks: multiply the weights by K (the reference code).
+    max_iter: step cap of the simplex solver (`solvers.simplex_minimize`).
+    tol: its tolerance on the change of w.
+
+  Returns:
+    `(K,)` weights of d = sum_i w_i g_i.
+
+  References:
+    Zhou et al. 2025, "Injecting Imbalance Sensitivity for Multi-Task Learning", IJCAI,
+    arXiv:2503.08006, Eqs. 9 and 11.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
+    >>> print(np.asarray(jax.jit(mtl_optax.imgrad_weights)(gram)).round(3))
+    [1.615 0.61 ]
+  """
   k = gram.shape[0]
   m = unit_gram(gram)
   mean_row = jnp.mean(m, axis=1)
@@ -83,6 +106,34 @@ def imgrad(
   All terms are computed on M / (trace/K), which also fixes the scale of the paper forms (they
   mix g^2 and g^3 terms). The weights are `imgrad_weights`; the Nash-MTL variant (Eq. 13) is
   `imgrad_nash`. Task-specific leaves get the plain sum.
+
+  Args:
+    num_tasks: K.
+    c: the radius factor, sqrt(phi) = c ||g0||.
+    form: the dual objective: 'reference', 'paper_eq11' or 'paper_eq9'.
+    rescale: 'none' (d), '1+c^2' (d / (1 + c^2)) or '1+c' (d / (1 + c)).
+    scale_by_num_tasks: multiply d by K (the reference code).
+    max_iter: step cap of the simplex solver (`solvers.simplex_minimize`).
+    tol: its tolerance on the change of w.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a
+    `GramBalancerState` holding the last weights.
+
+  References:
+    Zhou et al. 2025, "Injecting Imbalance Sensitivity for Multi-Task Learning", IJCAI,
+    arXiv:2503.08006, Eqs. 9 and 11 (Sec. 3: the imbalance measure cos(g0, g_m)).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx, params = mtl_optax.imgrad(2), {"w": jnp.zeros(2)}
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = jax.jit(tx.update)(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [1.311 1.22 ]
   """
   check_choice(form, FORMS, "imgrad: form")
   check_choice(rescale, RESCALES, "imgrad: rescale")
@@ -100,7 +151,29 @@ def imgrad(
 def imgrad_nash_weights(gram: jax.Array, prev: jax.Array, *, optim_niter: int = 20,
                         tol: float = 1e-5) -> tuple[jax.Array, jax.Array]:
   """IMGrad-Nash's alpha (Zhou et al. 2025, Eq. 13; see `imgrad_nash`) from the previous alpha,
-  and per task whether it was found."""
+  and per task whether it was found.
+
+  Args:
+    gram: `(K, K)` Gram matrix M = G G^T of the rows g_i.
+    prev: `(K,)` the previous alpha, where the CCP starts (if a > 0 and M a > 0).
+    optim_niter: cap on the CCP steps.
+    tol: stop when an iterate moves by less than this (relative max norm).
+
+  Returns:
+    `(alpha, ok)`: `(K,)` weights of d = sum_i alpha_i g_i, and `(K,)` bools, true where
+    task i's alpha was found (alpha is 1 elsewhere).
+
+  References:
+    Zhou et al. 2025, "Injecting Imbalance Sensitivity for Multi-Task Learning", IJCAI,
+    arXiv:2503.08006, Eq. 13.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
+    >>> alpha, ok = jax.jit(mtl_optax.imgrad_nash_weights)(gram, jnp.ones(2))
+    >>> print(np.asarray(alpha).round(3), ok)
+    [1.149 0.557] [ True  True]
+  """
   return solvers.imbalance_nash_weights(gram, imbalance_cos(gram), prev, max_iter=optim_niter,
                                         tol=tol)
 
@@ -126,6 +199,32 @@ def imgrad_nash(
   every `update_weights_every` steps, the shared part clipped to global norm `max_norm`
   (<= 0: none), and task-specific leaves get sum_i alpha_i row_i (unclipped). The weights are
   `imgrad_nash_weights`.
+
+  Args:
+    num_tasks: K.
+    update_weights_every: recompute alpha every this many steps (reuse it in between).
+    optim_niter: cap on the CCP steps per solve.
+    max_norm: clip the shared part of d to this global norm (<= 0: no clipping).
+    tol: stop the CCP when an iterate moves by less than this (relative max norm).
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a
+    `GramBalancerState` around a `NashMTLState` (step count, last alpha).
+
+  References:
+    Zhou et al. 2025, "Injecting Imbalance Sensitivity for Multi-Task Learning", IJCAI,
+    arXiv:2503.08006, Eq. 13 (on Navon et al. 2022, arXiv:2202.01017, Sec. 3.3).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx, params = mtl_optax.imgrad_nash(2), {"w": jnp.zeros(2)}
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = jax.jit(tx.update)(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.615 0.788]
   """
   def solve(m, prev):
     return imgrad_nash_weights(m, prev, optim_niter=optim_niter, tol=tol)

@@ -43,7 +43,30 @@ def mgda_weights(
     tol: float = 1e-7,
 ) -> jax.Array:
   """MGDA's weights: w = argmin_{w in simplex} ||sum_i w_i g_i / n_i||^2 (Sener & Koltun 2018,
-  Eq. 3), divided by n with `apply_to='normalized'`, times K with `scale_by_num_tasks`."""
+  Eq. 3), divided by n with `apply_to='normalized'`, times K with `scale_by_num_tasks`.
+
+  Args:
+    gram: `(K, K)` Gram matrix M = G G^T of the rows g_i.
+    losses: `(K,)` losses; needed by the 'loss' and 'loss+' normalizations only.
+    normalization: the row normalizers n_i, 'none' | 'l2' | 'loss' | 'loss+' (see `mgda`).
+    apply_to: 'raw' (w on the rows g_i) or 'normalized' (w / n, i.e. w on g_i / n_i).
+    scale_by_num_tasks: multiply the weights by K.
+    max_iter: step cap of the active-set solver (`solvers.min_norm_weights`).
+    tol: its relative tolerance.
+
+  Returns:
+    `(K,)` weights w of d = sum_i w_i g_i.
+
+  References:
+    Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS,
+    arXiv:1810.04650, Eq. 3.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
+    >>> print(np.asarray(jax.jit(mtl_optax.mgda_weights)(gram)).round(3))
+    [0.76 0.24]
+  """
   n = row_normalizers(gram, losses, normalization)
   w = solvers.min_norm_weights(gram / (n[:, None] * n[None, :]), max_iter=max_iter, tol=tol)
   if apply_to == "normalized":
@@ -75,6 +98,34 @@ def mgda(
   that the weights sum to K like the plain sum of losses. With no normalization the result
   satisfies g_i . d >= ||d||^2 for every task. Task-specific leaves get the plain sum.
   The weights are `mgda_weights`.
+
+  Args:
+    num_tasks: K.
+    normalization: the row normalizers n_i: 'none' (1), 'l2' (||g_i||), 'loss' (L_i) or
+      'loss+' (L_i ||g_i||); the last two need positive `losses` at every update.
+    apply_to: 'raw' (d = sum_i w_i g_i) or 'normalized' (d = sum_i w_i g_i / n_i).
+    scale_by_num_tasks: multiply d by K (Nash-MTL's code).
+    max_iter: step cap of the min-norm solver (`solvers.min_norm_weights`).
+    tol: its relative tolerance.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a
+    `GramBalancerState` holding the last weights.
+
+  References:
+    Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS,
+    arXiv:1810.04650, Eq. 3 (MGDA-UB: Sec. 3.3).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx, params = mtl_optax.mgda(2), {"w": jnp.zeros(2)}
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = jax.jit(tx.update)(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.64 0.48]
   """
   check_choice(normalization, NORMALIZATIONS, "mgda: normalization")
   check_choice(apply_to, APPLY_TO, "mgda: apply_to")

@@ -36,6 +36,35 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
   Euclidean projection onto the simplex (`simplex="projection"`: the paper, and the authors'
   NYUv2 code). With `normalize` (LibMTL) the rows enter as g_i / (||g_i|| + 1e-8) * L_i, which
   needs `losses`. y starts at 0 and lambda at 1/K. Task-specific leaves get the plain sum.
+
+  Args:
+    num_tasks: K.
+    beta: the tracking rate, beta_k = beta / k^beta_sigma.
+    beta_sigma: its decay exponent.
+    gamma: the step size of lambda, gamma_k = gamma / k^gamma_sigma.
+    gamma_sigma: its decay exponent.
+    rho: the ridge in (Y Y^T + rho I).
+    normalize: rows enter as g_i / (||g_i|| + 1e-8) * L_i (LibMTL); needs `losses`.
+    simplex: 'softmax' or 'projection', the map S onto the simplex.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a `MoCoState`
+    (count, tracked gradients, lambda).
+
+  References:
+    Fernando et al. 2023, "Mitigating Gradient Bias in Multi-objective Learning: A Provably
+    Convergent Approach", ICLR, arXiv:2210.12624, Alg. 1.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.moco(2)
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = tx.update(jac, tx.init({"w": jnp.zeros(2)}), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.136 0.476]
   """
   check_positive_int(num_tasks, "moco: num_tasks")
   check_choice(simplex, ("softmax", "projection"), "moco: simplex")

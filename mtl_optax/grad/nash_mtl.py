@@ -23,7 +23,29 @@ class NashMTLState(NamedTuple):
 def nash_mtl_weights(gram: jax.Array, prev: jax.Array | None = None, *, optim_niter: int = 20,
                      tol: float = 1e-4) -> tuple[jax.Array, jax.Array]:
   """Nash-MTL's alpha > 0 with alpha_i (M alpha)_i = 1 (Navon et al. 2022, Eq. 5), warm-started
-  from the previous alpha `prev`, and per task whether it was found (`solvers.nash_weights`)."""
+  from the previous alpha `prev`, and per task whether it was found (`solvers.nash_weights`).
+
+  Args:
+    gram: `(K, K)` Gram matrix M = G G^T of the rows g_i.
+    prev: `(K,)` previous alpha to warm-start from (None: a multiple of the ones vector).
+    optim_niter: cap on the damped Newton steps.
+    tol: accept when max_i |alpha_i (M alpha)_i - 1| < tol.
+
+  Returns:
+    `(alpha, ok)`: `(K,)` weights of d = sum_i alpha_i g_i, and `(K,)` bools, true where
+    task i's alpha was found (alpha is 1 elsewhere).
+
+  References:
+    Navon et al. 2022, "Multi-Task Learning as a Bargaining Game", ICML, arXiv:2202.01017,
+    Eq. 5.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
+    >>> alpha, ok = jax.jit(mtl_optax.nash_mtl_weights)(gram)
+    >>> print(np.asarray(alpha).round(3), ok)
+    [1.149 0.557] [ True  True]
+  """
   return solvers.nash_weights(gram, max_iter=optim_niter, tol=tol, prev=prev)
 
 
@@ -49,6 +71,32 @@ def nash_mtl(
   At the fixed point ||d|| = sqrt(K). As in the reference, the shared part of d is clipped to
   global norm `max_norm` (<= 0: no clipping), weights are recomputed every
   `update_weights_every` steps, and task-specific leaves get sum_i alpha_i row_i (unclipped).
+
+  Args:
+    num_tasks: K.
+    update_weights_every: recompute alpha every this many steps (reuse it in between).
+    optim_niter: cap on the damped Newton steps per solve.
+    max_norm: clip the shared part of d to this global norm (<= 0: no clipping).
+    tol: accept alpha when max_i |alpha_i (M alpha)_i - 1| < tol.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a
+    `GramBalancerState` around a `NashMTLState` (step count, last alpha).
+
+  References:
+    Navon et al. 2022, "Multi-Task Learning as a Bargaining Game", ICML, arXiv:2202.01017,
+    Eq. 5 (G^T G alpha = 1/alpha).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.nash_mtl(2)
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = tx.update(jac, tx.init({"w": jnp.zeros(2)}), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.615 0.788]
   """
   return nash_aggregator(
       "nash_mtl", num_tasks,

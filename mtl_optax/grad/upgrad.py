@@ -14,7 +14,28 @@ from mtl_optax.grad.base import gram_aggregator
 def upgrad_weights(gram: jax.Array, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
                    max_iter: int = 100, tol: float = 1e-7) -> jax.Array:
   """UPGrad's weights: the mean over i of v_i = argmin_{v >= e_i} v^T M v (Quinton & Rey 2024,
-  Eq. 5 with Prop. 1), on M / trace(M) + reg_eps I as torchjd."""
+  Eq. 5 with Prop. 1), on M / trace(M) + reg_eps I as torchjd.
+
+  Args:
+    gram: `(K, K)` Gram matrix M = G G^T of the rows g_i.
+    norm_eps: below this trace, M is taken as 0 (absolute threshold).
+    reg_eps: the ridge added to M / trace(M); must be > 0.
+    max_iter: step cap of the active-set QP solver (`solvers.dual_cone_weights`).
+    tol: its relative tolerance.
+
+  Returns:
+    `(K,)` weights w of d = sum_i w_i g_i.
+
+  References:
+    Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization",
+    arXiv:2406.16232, Eq. 5 and Prop. 1.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
+    >>> print(np.asarray(jax.jit(mtl_optax.upgrad_weights)(gram)).round(3))
+    [0.75  0.559]
+  """
   k = gram.shape[0]
   trace = jnp.trace(gram)
   m = jnp.where(trace >= norm_eps, gram / jnp.where(trace > 0, trace, 1.0), 0.0)
@@ -42,6 +63,32 @@ def upgrad(
   (`solvers.dual_cone_weights`). reg_eps must be > 0; it allows
   g_i . d >= -reg_eps * trace(M) * max(v) instead of g_i . d >= 0. Task-specific leaves get the
   plain sum.
+
+  Args:
+    num_tasks: K.
+    norm_eps: below this trace, M is taken as 0 (absolute threshold).
+    reg_eps: the ridge added to M / trace(M); must be > 0.
+    max_iter: step cap of the active-set QP solver (`solvers.dual_cone_weights`).
+    tol: its relative tolerance.
+    shared: the shared parameters: a pytree of bools like the parameters (a prefix is
+      enough) or a callable on them; None: every leaf is shared.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
+    on every leaf) to one gradient shaped like the parameters; its state is a
+    `GramBalancerState` holding the last weights.
+
+  References:
+    Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization",
+    arXiv:2406.16232, Eq. 5 and Prop. 1.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx, params = mtl_optax.upgrad(2), {"w": jnp.zeros(2)}
+    >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
+    >>> d, state = jax.jit(tx.update)(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(d["w"]).round(3))
+    [0.47  1.118]
   """
   def weights(m, state, losses):
     del losses

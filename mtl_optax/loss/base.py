@@ -40,6 +40,20 @@ def reweighter(
     num_tasks: K, when the state is per task (checked against every leaf).
     needs_positive: the balancer takes log(L_i); concrete non-positive losses raise.
     extra_args: names of extra keyword arguments passed on to `weight_fn` (None if absent).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; its state is
+    `init_fn()`'s.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, mtl_optax
+    >>> inverse = lambda losses, state: (1.0 / losses, state)  # s_i = 1 / L_i
+    >>> tx = mtl_optax.reweighter("inverse", optax.EmptyState, inverse)
+    >>> jac = {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(None), losses=jnp.array([1.0, 4.0]))
+    >>> print(rows["w"][:, 0])
+    [1.   0.25]
   """
   def init(params):
     del params

@@ -25,6 +25,28 @@ def dwa(num_tasks: int, steps_per_epoch: int,
 
   Liu et al. 2019 (MTAN), Eq. 1, with epoch-average losses as in LibMTL. A zero average in
   the denominator is floored (`positive`), so zero losses give finite weights.
+
+  Args:
+    num_tasks: K.
+    steps_per_epoch: steps that make one epoch (the loss averages are per epoch).
+    temperature: T of the softmax.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; its state is a
+    `DWAState`. Needs `losses`.
+
+  References:
+    Liu et al. 2019, "End-to-End Multi-Task Learning with Attention", CVPR, arXiv:1803.10704,
+    Eq. 1.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.dwa(2, steps_per_epoch=10)
+    >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # 1 in epochs 0 and 1
+    [1. 1.]
   """
   num_tasks = check_positive_int(num_tasks, "dwa: num_tasks")
   steps_per_epoch = check_positive_int(steps_per_epoch, "dwa: steps_per_epoch")

@@ -51,6 +51,23 @@ def famo(
     weight_decay: gamma, the L2 regularization of the logits (the card's 1e-3; the reference
       famo.py defaults to 1e-2 and its experiments set it per data set).
     min_losses: L_min, known lower bounds of the losses (default 0); losses must be >= them.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; its state is a
+    `FAMOState`. Needs `losses` (and optionally `post_step_losses`) at every update.
+
+  References:
+    Liu et al. 2023, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS, arXiv:2306.03792,
+    Alg. 1.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.famo(2)
+    >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # z uniform: s = (1/L) / sum(1/L)
+    [0.667 0.333]
   """
   num_tasks = check_positive_int(num_tasks, "famo: num_tasks")
   floor = (jnp.zeros((num_tasks,), jnp.float32) if min_losses is None

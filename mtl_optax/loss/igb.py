@@ -45,6 +45,27 @@ def igb_v1(num_tasks: int, steps_per_epoch: int) -> optax.GradientTransformation
   Dai et al. 2023 (Improvable Gap Balancing), Alg. 1 and Eq. 3: lambda = 1 in epochs 1-2
   (plain log losses), L_base = mean raw loss over epoch 2, lambda treated as a constant,
   so s_i = lambda_i / L_i.
+
+  Args:
+    num_tasks: K.
+    steps_per_epoch: steps that make one epoch (L_base is the mean over epoch 2's steps).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; its state is an
+    `IGBv1State`. Needs positive `losses`.
+
+  References:
+    Dai et al. 2023, "Improvable Gap Balancing for Multi-Task Learning", UAI,
+    arXiv:2307.15429, Alg. 1 and Eq. 3.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.igb_v1(2, steps_per_epoch=10)
+    >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # 1 / L_i before epoch 3
+    [1.  0.5]
   """
   num_tasks = check_positive_int(num_tasks, "igb_v1: num_tasks")
   steps_per_epoch = check_positive_int(steps_per_epoch, "igb_v1: steps_per_epoch")

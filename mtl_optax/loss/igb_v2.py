@@ -79,6 +79,42 @@ def igb_v2(
   counts use exact integer arithmetic and at least one row; the reference sets its reward scale
   once per epoch (and its QM9 trainer, reading the current rate twice, always gets 1), ours is
   schedule(0) / schedule(t) at every step.
+
+  Args:
+    num_tasks: K.
+    steps_per_epoch: steps that make one epoch.
+    key: PRNG key or int seed (RLW draws, the agent's initialization and sampling).
+    train_from_epoch: the first epoch whose steps train the agent (the reference's
+      `update_e`).
+    act_from_epoch: the first epoch whose weights the agent picks (the reference's `use_e`).
+    update_every: train the agent every this many steps.
+    buffer_size: capacity of the replay buffer.
+    batch_size: rows per SAC update at a full buffer.
+    agent_learning_rate: of the agent's three Adam optimizers.
+    gamma: the agent's discount factor.
+    tau: its Polyak rate for the target critics.
+    init_temperature: its initial entropy temperature.
+    target_entropy: its target entropy (None: -K).
+    reward_lr_schedule: the model's learning rate schedule; scales the reward by
+      schedule(0) / schedule(t) (None: 1).
+    normalize_state: the agent observes L / L_base instead of L.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; its state is an
+    `IGBv2State` (the agent included). Needs positive `losses`.
+
+  References:
+    Dai et al. 2023, "Improvable Gap Balancing for Multi-Task Learning", UAI,
+    arXiv:2307.15429, Alg. 2 and Eq. 4; the agent: Haarnoja et al. 2018, arXiv:1812.05905.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.igb_v2(2, steps_per_epoch=10, key=0, buffer_size=8, batch_size=4)
+    >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(rows["w"].shape)  # rows scaled by RLW weights / L_i before epoch 5
+    (2, 3)
   """
   check_positive_int(num_tasks, "igb_v2: num_tasks")
   check_positive_int(steps_per_epoch, "igb_v2: steps_per_epoch")

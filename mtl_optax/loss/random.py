@@ -24,6 +24,27 @@ def rlw(scale: float = 1.0, *, key: jax.Array | int) -> optax.GradientTransforma
   """RLW: fresh weights scale * softmax(N(0, I)) every step (Lin et al. 2022, TMLR).
 
   `scale=1` follows LibMTL; the IGB paper uses `scale=K`.
+
+  Args:
+    scale: the weights' sum (K: mean weight 1).
+    key: PRNG key or int seed of the draws.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; its state is an
+    `RLWState` (the key).
+
+  References:
+    Lin et al. 2022, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
+    Multi-Task Learning", TMLR, arXiv:2111.10603, Sec. 3.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.rlw(key=0)
+    >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(rows["w"][:, 0]).sum().round(3))  # random s, summing to scale
+    1.0
   """
   def weights(losses, state):
     key, sub = jax.random.split(state.key)

@@ -9,7 +9,20 @@ from mtl_optax.loss.base import positive, reweighter
 
 
 def equal_weights() -> optax.GradientTransformationExtraArgs:
-  """EW: s_i = 1 (the identity; `sum_tasks` alone is equal weighting)."""
+  """EW: s_i = 1 (the identity; `sum_tasks` alone is equal weighting).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; stateless.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.equal_weights()
+    >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # s_i
+    [1. 1.]
+  """
   return reweighter("equal_weights", lambda: optax.EmptyState(),
                     lambda losses, state: (jnp.ones_like(losses), state))
 
@@ -18,6 +31,27 @@ def log_losses(eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
   """SI: minimize sum_i log(L_i + eps), so s_i = 1 / (L_i + eps).
 
   Navon et al. 2022 (Nash-MTL, SI baseline); Lin et al. 2023 (DB-MTL, Sec. 3.1, eps = 1e-8).
+
+  Args:
+    eps: added to the losses, s_i = 1 / (L_i + eps).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; stateless. Needs
+    positive `losses`.
+
+  References:
+    Navon et al. 2022, "Multi-Task Learning as a Bargaining Game", ICML, arXiv:2202.01017
+    (the SI baseline); Lin et al. 2023, "Dual-Balancing for Multi-Task Learning",
+    arXiv:2308.12029, Sec. 3.1 (log transformation, eps = 1e-8).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.log_losses()
+    >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # s_i
+    [1.  0.5]
   """
   def weights(losses, state):
     return 1.0 / (positive(losses) + eps), state
@@ -28,6 +62,24 @@ def gls() -> optax.GradientTransformationExtraArgs:
   """GLS: minimize (prod_i L_i)^(1/K), so s_i = GLS / (K L_i).
 
   Chennupati et al. 2019 (MultiNet++, geometric loss strategy).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; stateless. Needs
+    positive `losses`.
+
+  References:
+    Chennupati et al. 2019, "MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss
+    Strategy for Multi-Task Learning", CVPR Workshops, arXiv:1904.08492, the geometric loss
+    strategy (equation number not checked).
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.gls()
+    >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
+    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # s_i
+    [0.707 0.354]
   """
   def weights(losses, state):
     losses = positive(losses)

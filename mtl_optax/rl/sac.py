@@ -133,6 +133,34 @@ def sac(
   -mean(log alpha_T (log pi + target_entropy)) (Eq. 18); targets by Polyak averaging with `tau`.
   No done flags (the IGB reference has none). Defaults follow the IGB reference code;
   `target_entropy=None` means -action_dim. Three Adam optimizers share `learning_rate`.
+
+  Args:
+    state_dim: S, the size of an observation.
+    action_dim: A, the size of an action.
+    hidden: widths of the hidden Dense-ReLU layers of the actor and of each critic.
+    learning_rate: of the three Adam optimizers (actor, critics, temperature).
+    gamma: the discount factor.
+    tau: the Polyak rate of the target critics.
+    init_temperature: the initial temperature alpha_T.
+    target_entropy: the entropy target of the temperature loss (None: -action_dim).
+    buffer_size: capacity of the replay buffer.
+    batch_size: rows sampled per update (the largest batch `train` may use).
+
+  Returns:
+    A `SAC` of pure functions (`init`, `act`, `add`, `update`, `train`) acting on a `SACState`.
+
+  References:
+    Haarnoja et al. 2018, "Soft Actor-Critic: Off-Policy Maximum Entropy Deep Reinforcement
+    Learning with a Stochastic Actor", ICML, arXiv:1801.01290; Haarnoja et al. 2018, "Soft
+    Actor-Critic Algorithms and Applications", arXiv:1812.05905, Alg. 1 and Eqs. 3, 5, 7, 18.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax
+    >>> agent = mtl_optax.sac(2, 2, buffer_size=8, batch_size=4)  # S = A = 2
+    >>> state = agent.init(jax.random.key(0))
+    >>> action = agent.act(state, jnp.ones(2), jax.random.key(1))
+    >>> print(action.shape, np.asarray(action.sum()).round(3))  # A softmax(u): sums to A
+    (2,) 2.0
   """
   for value, what in ((state_dim, "state_dim"), (action_dim, "action_dim"),
                       (buffer_size, "buffer_size"), (batch_size, "batch_size")):
