@@ -232,7 +232,8 @@ def simplex_minimize(
     h_f = h_f + jnp.diag(jnp.where(face, 0.0, 1.0))
     ones = face.astype(w.dtype)
     system = jnp.block([[h_f, ones[:, None]], [ones[None, :], jnp.zeros((1, 1), w.dtype)]])
-    sol = jnp.linalg.solve(system, jnp.concatenate([-jnp.where(face, g, 0.0), jnp.zeros(1, w.dtype)]))
+    rhs = jnp.concatenate([-jnp.where(face, g, 0.0), jnp.zeros(1, w.dtype)])
+    sol = jnp.linalg.solve(system, rhs)
     dw, lam = jnp.where(face, sol[:k], 0.0), -sol[k]
     blocked = face & (w + dw < 0.0)
     ratio = jnp.where(blocked, w / jnp.maximum(-dw, _TINY), jnp.inf)

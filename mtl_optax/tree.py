@@ -146,7 +146,8 @@ def _representation_mask(shared: MaskOrFn, rows: RepresentationRows) -> Represen
 
 
 def map_masked(if_shared: Callable, if_specific: Callable, mask: Tree, tree: Tree) -> Tree:
-  """`if_shared` on the leaves `mask` (a prefix of `tree` allowed) marks True, else `if_specific`."""
+  """`if_shared` on the leaves that `mask` (a prefix of `tree` allowed) marks True, else
+  `if_specific`."""
   return jax.tree.map(
       lambda m, sub: jax.tree.map(if_shared if m else if_specific, sub), mask, tree)
 

@@ -102,7 +102,8 @@ def imgrad(
     'paper_eq11': (1 - cos) g_w.g0 + cos sqrt(phi) ||g_w||^2 (Eq. 11);
     'paper_eq9': (1 - cos)(g_w.g0 + sqrt(phi) ||g_w||) + cos ||g_w||^2 (Eq. 9).
   Then d = g0 + sqrt(phi) / (||g_w|| + 1e-8) g_w, rescaled as in `cagrad` (rescale
-  '1+c^2': d / (1 + c^2), then times K as the reference does). c = 0.8 is the reference's NYUv2 script.
+  '1+c^2': d / (1 + c^2), then times K as the reference does). c = 0.8 is the reference's
+  NYUv2 script.
   All terms are computed on M / (trace/K), which also fixes the scale of the paper forms (they
   mix g^2 and g^3 terms). The weights are `imgrad_weights`; the Nash-MTL variant (Eq. 13) is
   `imgrad_nash`. Task-specific leaves get the plain sum.

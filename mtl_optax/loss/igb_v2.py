@@ -146,7 +146,8 @@ def igb_v2(
                                lambda a: agent.add(a, transition), lambda a: a, state.agent)
 
     fill = agent_state.buffer.fill
-    train_now = (step >= train_from_epoch * steps_per_epoch) & (step % update_every == 0) & (fill > 0)
+    train_now = ((step >= train_from_epoch * steps_per_epoch) & (step % update_every == 0)
+                 & (fill > 0))
     num_updates, rows = train_sizes(fill, buffer_size, update_every, batch_size)
     # Zero updates when not training: the loop is then a no-op, also under vmap, where a
     # lax.cond with a batched predicate would run the training branch for every member.
