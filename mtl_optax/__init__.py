@@ -14,6 +14,7 @@ from mtl_optax.loss.igb_v2 import IGBv2State, igb_v2
 from mtl_optax.loss.learned import LearnedScaleState, imtl_l, uw
 from mtl_optax.loss.random import RLWState, rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
+from mtl_optax.loss.stch import STCHState, stch
 
 # Gradient balancers (aggregators): stacked -> one gradient; and their Gram -> weights functions.
 from mtl_optax.grad.aligned_mtl import aligned_mtl, aligned_mtl_weights
@@ -21,6 +22,8 @@ from mtl_optax.grad.base import (GramBalancerState, aggregator, gram_aggregator,
                                  sum_tasks)
 from mtl_optax.grad.cagrad import cagrad, cagrad_weights
 from mtl_optax.grad.db_mtl import DBMTLState, db_mtl
+from mtl_optax.grad.excess_mtl import ExcessMTLState, excess_mtl
+from mtl_optax.grad.fairgrad import fairgrad, fairgrad_weights
 from mtl_optax.grad.graddrop import GradDropState, graddrop
 from mtl_optax.grad.gradnorm import GradNormState, gradnorm
 from mtl_optax.grad.gradvac import GradVacState, gradvac, gradvac_weights
@@ -28,8 +31,10 @@ from mtl_optax.grad.imgrad import imgrad, imgrad_nash, imgrad_nash_weights, imgr
 from mtl_optax.grad.imtl import imtl, imtl_g, imtl_g_weights
 from mtl_optax.grad.mgda import mgda, mgda_weights
 from mtl_optax.grad.moco import MoCoState, moco
+from mtl_optax.grad.modo import MoDoState, modo, modo_weights
 from mtl_optax.grad.nash_mtl import NashMTLState, nash_mtl, nash_mtl_weights
 from mtl_optax.grad.pcgrad import PCGradState, pcgrad, pcgrad_weights
+from mtl_optax.grad.sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
 from mtl_optax.grad.upgrad import upgrad, upgrad_weights
 
 # The SAC agent behind IGBv2.
@@ -49,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = (
     "DBMTLState",
     "DWAState",
+    "ExcessMTLState",
     "FAMOState",
     "GradDropState",
     "GradNormState",
@@ -60,22 +66,28 @@ __all__ = (
     "IGBv2State",
     "LearnedScaleState",
     "MoCoState",
+    "MoDoState",
     "NashMTLState",
     "PCGradState",
     "RLWState",
     "RepresentationRows",
     "SAC",
     "SACState",
+    "SDMGradState",
+    "STCHState",
     "aggregator",
     "aligned_mtl",
-    "apply_if_finite",
     "aligned_mtl_weights",
+    "apply_if_finite",
     "cagrad",
     "cagrad_weights",
     "db_mtl",
     "delta_m",
     "dwa",
     "equal_weights",
+    "excess_mtl",
+    "fairgrad",
+    "fairgrad_weights",
     "famo",
     "gls",
     "graddrop",
@@ -98,6 +110,8 @@ __all__ = (
     "mgda",
     "mgda_weights",
     "moco",
+    "modo",
+    "modo_weights",
     "nash_mtl",
     "nash_mtl_weights",
     "pcgrad",
@@ -107,6 +121,9 @@ __all__ = (
     "rlw",
     "row_like",
     "sac",
+    "sdmgrad",
+    "sdmgrad_weights",
+    "stch",
     "sum_tasks",
     "task_weights",
     "upgrad",

@@ -22,6 +22,8 @@ from mtl_optax import tree as tree_lib
 from mtl_optax.grad.aligned_mtl import aligned_mtl
 from mtl_optax.grad.cagrad import cagrad
 from mtl_optax.grad.db_mtl import db_mtl
+from mtl_optax.grad.excess_mtl import excess_mtl
+from mtl_optax.grad.fairgrad import fairgrad
 from mtl_optax.grad.graddrop import graddrop
 from mtl_optax.grad.gradnorm import gradnorm
 from mtl_optax.grad.gradvac import gradvac
@@ -29,8 +31,10 @@ from mtl_optax.grad.imgrad import imgrad, imgrad_nash
 from mtl_optax.grad.imtl import imtl, imtl_g
 from mtl_optax.grad.mgda import mgda
 from mtl_optax.grad.moco import moco
+from mtl_optax.grad.modo import modo
 from mtl_optax.grad.nash_mtl import nash_mtl
 from mtl_optax.grad.pcgrad import pcgrad
+from mtl_optax.grad.sdmgrad import sdmgrad
 from mtl_optax.grad.upgrad import upgrad
 from mtl_optax.loss.dwa import dwa
 from mtl_optax.loss.famo import famo
@@ -39,6 +43,7 @@ from mtl_optax.loss.igb_v2 import igb_v2
 from mtl_optax.loss.learned import imtl_l, uw
 from mtl_optax.loss.random import rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
+from mtl_optax.loss.stch import stch
 
 Kind = Literal["loss", "gradient"]
 # Properties a method claims, checked by the property suite:
@@ -94,6 +99,8 @@ METHODS: dict[str, Method] = {
                     "stateful", "needs_losses"),
     "famo": _loss(lambda k, spe, key: famo(k), "stateful", "needs_losses",
                   EQUIVARIANT),
+    "stch": _loss(lambda k, spe, key: stch(k, spe), "stateful", "needs_losses",
+                  EQUIVARIANT),
     # Gradient balancers (Table "gradient balancers" of README).
     "mgda": _grad(lambda k, key, shared: mgda(k, shared=shared), "gram", EQUIVARIANT,
                   "homogeneous", "non_conflicting"),
@@ -125,6 +132,15 @@ METHODS: dict[str, Method] = {
                     EQUIVARIANT, "homogeneous"),
     "imgrad_nash": _grad(lambda k, key, shared: imgrad_nash(k, shared=shared),
                          "stateful", "gram", EQUIVARIANT),
+    "excess_mtl": _grad(lambda k, key, shared: excess_mtl(k, shared=shared), "stateful",
+                        EQUIVARIANT),
+    "fairgrad": _grad(lambda k, key, shared: fairgrad(k, shared=shared), "gram",
+                      EQUIVARIANT, "non_conflicting"),
+    # MoDo and SDMGrad without `sample_jacobians`: the update's own Gram matrix stands in.
+    "modo": _grad(lambda k, key, shared: modo(k, shared=shared), "stateful", "gram",
+                  EQUIVARIANT),
+    "sdmgrad": _grad(lambda k, key, shared: sdmgrad(k, shared=shared), "stateful", "gram",
+                     EQUIVARIANT, "homogeneous"),
 }
 
 
@@ -141,7 +157,7 @@ def build(name: str, num_tasks: int, *, steps_per_epoch: int = 1, key: jax.Array
   Args:
     name: a key of `METHODS`.
     num_tasks: K.
-    steps_per_epoch: used by the epoch-based loss balancers (DWA, IGBv1, IGBv2).
+    steps_per_epoch: used by the epoch-based loss balancers (DWA, IGBv1, IGBv2, STCH).
     key: PRNG key or int seed of the random methods.
     shared: the mask of shared parameters (gradient balancers).
 

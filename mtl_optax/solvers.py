@@ -335,6 +335,85 @@ def nash_weights(
   return jnp.where(ok, b * inv, 1.0), ok
 
 
+def fair_weights(
+    m: jax.Array, alpha: float = 1.0, *, max_iter: int = 50, tol: float = 1e-4
+) -> tuple[jax.Array, jax.Array]:
+  """FairGrad: w > 0 with M w = w^(-1/alpha) (Ban & Ji 2024, Eq. 9; alpha = 1 is Nash-MTL).
+
+  With p = 1 / alpha, M w = w^-p is the stationarity condition of the strictly convex problem
+  min_{w > 0} F(w) = 1/2 w^T M w - sum_i h(w_i), h' = w^-p (h = log w for p = 1,
+  (w^(1-p) - 1) / (1-p) otherwise). The scale comes out first: with s the largest row norm, w =
+  s^(-2 / (1 + p)) u and u solves the same problem for M / s^2; then b_i = n_i u_i (n_i the
+  relative row norms) turns M / s^2 into the unit-diagonal cosine matrix C, and the condition
+  into C b = n^(p-1) b^-p. Damped Newton with a backtracking (Armijo) line search that keeps
+  b > 0, from the best multiple of the ones vector, for at most `max_iter` steps; it stops
+  when max_i |r_i| < tol, r_i = (C b)_i / (n_i^(p-1) b_i^-p) - 1, or r is at its rounding
+  level (K eps (|C| b)_i relative to the same denominator), or a step cannot decrease F.
+
+  Tasks with a zero row (norm <= 1e-12 of the largest) have no solution (their weight would
+  grow without bound): they get the largest weight of the others (1 if every row is zero).
+  If 0 is a positive combination of the rows, F is unbounded below and no solution exists;
+  the iterate after `max_iter` steps is returned. Returns `(w, ok)`: `ok[i]` is true where
+  task i's row is nonzero and the residual test passed.
+  """
+  k = m.shape[0]
+  p = 1.0 / alpha
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
+  s = jnp.maximum(jnp.max(norms), _TINY)
+  n = norms / s
+  active = n > 1e-12
+  inv = jnp.where(active, 1.0 / jnp.where(active, n, 1.0), 0.0)
+  both = active[:, None] & active[None, :]
+  c = jnp.where(both, inv[:, None] * (m / s**2) * inv[None, :], jnp.eye(k, dtype=m.dtype))
+  coef = jnp.where(active, jnp.where(active, n, 1.0) ** (p - 1.0), 1.0)
+  eps = _eps(m)
+
+  def h(b):  # alpha may be traced (optax.inject_hyperparams)
+    log = p == 1.0
+    return jnp.where(log, jnp.log(b), (b ** (1.0 - p) - 1.0) / jnp.where(log, 1.0, 1.0 - p))
+
+  def objective(b):
+    return 0.5 * b @ c @ b - coef @ h(b)
+
+  def residual(b):
+    target = coef * b**-p
+    return (c @ b) / target - 1.0, k * eps * (jnp.abs(c) @ b) / target
+
+  def body(carry):
+    b, it, _ = carry
+    grad = c @ b - coef * b**-p
+    step = -jnp.linalg.solve(c + jnp.diag(coef * p * b ** (-p - 1.0)), grad)
+    blocked = step < 0.0
+    t_max = jnp.min(jnp.where(blocked, -0.99 * b / jnp.where(blocked, step, -1.0), 1.0))
+    f0, slope = objective(b), grad @ step
+
+    def shorter(carry):
+      t, _ = carry
+      return t * 0.5, objective(b + 0.5 * t * step)
+
+    def too_long(carry):
+      t, f = carry
+      return ~(f <= f0 + 1e-4 * t * slope) & (t > 1e-10)
+
+    t, f = jax.lax.while_loop(too_long, shorter, (t_max, objective(b + t_max * step)))
+    b_new = b + t * step
+    good = jnp.all(jnp.isfinite(b_new)) & jnp.all(b_new > 0) & (f <= f0) & (slope < 0)
+    r, level = residual(b)
+    stop = jnp.all(jnp.abs(r) < jnp.maximum(tol, level)) | ~good
+    return jnp.where(stop, b, b_new), it + 1, stop
+
+  q = jnp.maximum(jnp.sum(c), _TINY)
+  b0 = jnp.ones((k,), m.dtype) * (jnp.sum(coef) / q) ** (1.0 / (1.0 + p))
+  cond = lambda carry: ~carry[2] & (carry[1] < max_iter)
+  b, _, _ = jax.lax.while_loop(cond, body, (b0, jnp.array(0), jnp.array(False)))
+  b = jnp.where(jnp.all(jnp.isfinite(b)) & jnp.all(b > 0), b, b0)
+  r, level = residual(b)
+  ok = active & jnp.all(jnp.abs(r) < jnp.maximum(tol, level))
+  w = b * inv * s ** (-2.0 / (1.0 + p))
+  top = jnp.max(jnp.where(active, w, 0.0))
+  return jnp.where(active, w, jnp.where(top > 0, top, 1.0)), ok
+
+
 def _barrier_lp(
     m: jax.Array,
     c: jax.Array,

@@ -89,14 +89,16 @@ def weight_dtype(params: Any) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*leaves) if leaves else jnp.float32, jnp.float32)
 
 
-def gram(stacked: Tree) -> jax.Array:
-  """The K x K Gram matrix `G G^T` of the rows, as a sum of per-leaf contractions."""
-  def leaf_gram(leaf):
-    flat = leaf.reshape(leaf.shape[0], -1)
+def gram(stacked: Tree, other: Tree | None = None) -> jax.Array:
+  """The K x K Gram matrix `G G^T` of the rows, as a sum of per-leaf contractions; with
+  `other` (rows H of the same structure) the cross-Gram matrix `G H^T`."""
+  def leaf_gram(leaf, other_leaf):
+    flat, other_flat = leaf.reshape(leaf.shape[0], -1), other_leaf.reshape(leaf.shape[0], -1)
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)  # bfloat16 rows: a float32 Gram
-    return jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST,
+    return jnp.matmul(flat, other_flat.T, precision=jax.lax.Precision.HIGHEST,
                       preferred_element_type=dtype)
-  return sum(leaf_gram(leaf) for leaf in jax.tree.leaves(stacked))
+  other = stacked if other is None else other
+  return sum(jax.tree.leaves(jax.tree.map(leaf_gram, stacked, other)))
 
 
 def resolve_mask(shared: MaskOrFn, params: Tree) -> Tree:

@@ -15,7 +15,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
-from mtl_optax.rows import GramRows
+from mtl_optax.rows import GramRows, RepresentationRows
 
 # (shared_rows, state, losses, params) -> (aggregated shared tree, task-specific weights or
 # None for the plain sum, new state)
@@ -41,6 +41,7 @@ def aggregator(
     num_tasks: int | None = None,
     needs_losses: bool = False,
     needs_positive: bool = False,
+    extra_args: tuple[str, ...] = (),
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a gradient balancer from `aggregate_fn`, which sees only the shared rows.
 
@@ -50,13 +51,15 @@ def aggregator(
   Args:
     name: used in error messages.
     init_fn: `params -> state`.
-    aggregate_fn: `(shared_rows, state, losses, params) -> (out, specific_weights, state)`;
-      `shared_rows` has None at task-specific leaves and `out` must keep them None.
+    aggregate_fn: `(shared_rows, state, losses, params, **extra) -> (out, specific_weights,
+      state)`; `shared_rows` has None at task-specific leaves and `out` must keep them None.
     shared: pytree of bools like params, or a callable on params (on the stacked updates when
       `params` is not passed), True where a leaf is shared. None: every leaf is shared.
     num_tasks: K, when the state is per task.
     needs_losses: whether `losses` must be passed.
     needs_positive: whether losses must be positive (the method takes a log).
+    extra_args: names of extra keyword arguments of `update` passed on to `aggregate_fn`
+      (None if absent).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
@@ -74,8 +77,7 @@ def aggregator(
   """
   check = _input_checker(name, shared, num_tasks, needs_losses, needs_positive)
 
-  def update(updates, state, params=None, *, losses=None, **extra_args):
-    del extra_args
+  def update(updates, state, params=None, *, losses=None, **extra):
     if isinstance(updates, GramRows):
       raise ValueError(
           f"{name} is not Gram-based (its update is not sum_i w_i g_i with w from the Gram "
@@ -83,7 +85,8 @@ def aggregator(
           "(value_and_jacrev) or the representation path.")
     k, losses, mask = check(updates, params, losses)
     shared_rows, specific_rows = tree_lib.split(updates, mask)
-    out, specific_weights, state = aggregate_fn(shared_rows, state, losses, params)
+    out, specific_weights, state = aggregate_fn(shared_rows, state, losses, params,
+                                                **{n: extra.get(n) for n in extra_args})
     if specific_weights is None:
       specific_weights = jnp.ones((k,), jnp.float32)
     specific = tree_lib.combine(specific_weights, specific_rows)
@@ -112,6 +115,7 @@ def gram_aggregator(
     shared: tree_lib.MaskOrFn = None,
     needs_losses: bool = False,
     needs_positive: bool = False,
+    cross_gram: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """A balancer d = sum_i w_i g_i with w computed from the Gram matrix M = G G^T of the rows.
 
@@ -127,6 +131,11 @@ def gram_aggregator(
     weight_fn: `(M, state, losses) -> (w, v, state)`: shared leaves get sum_i w_i row_i,
       task-specific leaves sum_i v_i row_i (v None: the plain sum).
     shared, needs_losses, needs_positive: as for `aggregator`.
+    cross_gram: the method reads the cross-Gram matrix C = G_a G_b^T of two other independent
+      mini-batches a and b (MoDo, SDMGrad) instead of M: `update` takes the extra argument
+      `sample_jacobians=(jac_a, jac_b)`, two stacked Jacobians shaped like the updates, and
+      `weight_fn` receives C over their shared leaves; without it, M stands in for C (a and b
+      the update's own batch). The weights apply to the update's rows (see README).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
@@ -155,21 +164,46 @@ def gram_aggregator(
     weights, specific_weights, inner = weight_fn(gram, state.inner, losses)
     return weights, specific_weights, GramBalancerState(weights.astype(state.weights.dtype), inner)
 
-  def aggregate(shared_rows, state, losses, params):
-    del params
-    weights, specific_weights, state = weigh(tree_lib.gram(shared_rows), state, losses)
+  def sample_gram(samples, params):
+    """C = G_a G_b^T over the shared leaves of the two sample Jacobians."""
+    jac_a, jac_b = check_samples(name, samples, num_tasks)
+    mask = tree_lib.rows_mask(shared, jac_a, params)
+    return tree_lib.gram(tree_lib.split(jac_a, mask)[0], tree_lib.split(jac_b, mask)[0])
+
+  def aggregate(shared_rows, state, losses, params, sample_jacobians=None):
+    gram = (tree_lib.gram(shared_rows) if sample_jacobians is None
+            else sample_gram(sample_jacobians, params))
+    weights, specific_weights, state = weigh(gram, state, losses)
     return tree_lib.combine(weights, shared_rows), specific_weights, state
 
-  on_rows = aggregator(name, init, aggregate, **checks)
+  extra_args = ("sample_jacobians",) if cross_gram else ()
+  on_rows = aggregator(name, init, aggregate, extra_args=extra_args, **checks)
 
-  def update(updates, state, params=None, *, losses=None, **extra_args):
+  def update(updates, state, params=None, *, losses=None, **extra):
     if not isinstance(updates, GramRows):
-      return on_rows.update(updates, state, params, losses=losses, **extra_args)
+      return on_rows.update(updates, state, params, losses=losses, **extra)
     _, losses, mask = check(updates, params, losses)
-    weights, specific_weights, state = weigh(updates.gram(mask), state, losses)
+    samples = extra.get("sample_jacobians") if cross_gram else None
+    gram = updates.gram(mask) if samples is None else sample_gram(samples, params)
+    weights, specific_weights, state = weigh(gram, state, losses)
     return updates.combine(weights, specific_weights, mask), state
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def check_samples(name: str, samples: Any, num_tasks: int) -> tuple[Any, Any]:
+  """The two stacked Jacobians of `sample_jacobians`, checked: same structure, K rows each."""
+  if not isinstance(samples, (tuple, list)) or len(samples) != 2:
+    raise ValueError(f"{name}: sample_jacobians must be a pair (jac_a, jac_b) of stacked "
+                     f"Jacobians of two other mini-batches, got {type(samples).__name__}.")
+  if any(isinstance(j, (GramRows, RepresentationRows)) for j in samples):
+    raise ValueError(f"{name}: sample_jacobians must be stacked Jacobians (value_and_jacrev); "
+                     "representation rows of different batches belong to different examples.")
+  if jax.tree.structure(samples[0]) != jax.tree.structure(samples[1]):
+    raise ValueError(f"{name}: the two sample_jacobians have different tree structures.")
+  for jac in samples:
+    tree_lib.num_tasks(jac, num_tasks, f"{name} (sample_jacobians)")
+  return samples[0], samples[1]
 
 
 def clip_weights(weights: jax.Array, gram: jax.Array, max_norm: float) -> jax.Array:

@@ -1,0 +1,76 @@
+"""STCH: smooth Tchebycheff scalarization of the task losses (Lin et al., ICML 2024)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax.checks import check_nonnegative_int, check_positive_int
+from mtl_optax.loss.base import positive, reweighter
+
+
+class STCHState(NamedTuple):
+  count: jax.Array      # steps taken
+  nadir_sum: jax.Array  # (K,) sum of the raw losses over the nadir epoch
+
+
+def stch(num_tasks: int, steps_per_epoch: int, mu: float = 1.0,
+         warmup_epochs: int = 4) -> optax.GradientTransformationExtraArgs:
+  """STCH: minimize K mu log sum_i exp(log(L_i / z_i) / mu), so s_i = K softmax(l / mu)_i / L_i.
+
+  Lin et al. 2024 (Smooth Tchebycheff Scalarization for Multi-Objective Optimization),
+  Eq. 9 on log losses as LibMTL's `STCH.py`: with l_i = log(L_i / z_i), the smooth maximum
+  mu log sum_i exp(l_i / mu), times K; its gradient in L_i is K softmax(l / mu)_i / L_i.
+  Epochs 0 .. `warmup_epochs` - 1 minimize sum_i log L_i (s_i = 1 / L_i); epoch
+  `warmup_epochs` does the same while averaging the raw losses into the nadir point z; the
+  smooth Tchebycheff objective takes over from the next epoch. LibMTL takes
+  log(L_i / z_i + 1e-20); here losses must be positive (floored at 1e-12 inside jit), as for
+  every log-based balancer.
+
+  Args:
+    num_tasks: K.
+    steps_per_epoch: steps that make one epoch (z is the mean over one epoch's steps).
+    mu: the smoothing parameter, > 0 (LibMTL's `STCH_mu`, 1; mu -> 0: the Tchebycheff max).
+    warmup_epochs: epochs of log losses before the nadir epoch (LibMTL's `STCH_warmup_epoch`).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i; its state is an
+    `STCHState`. Needs positive `losses`.
+
+  References:
+    Lin et al. 2024, "Smooth Tchebycheff Scalarization for Multi-Objective Optimization",
+    ICML, arXiv:2402.19078, Eq. 9; checked against LibMTL's `LibMTL/weighting/STCH.py`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax
+    >>> tx = mtl_optax.stch(2, steps_per_epoch=1, warmup_epochs=0)
+    >>> jac, state = {"w": jnp.ones((2, 3))}, tx.init(None)  # K = 2 stacked gradients
+    >>> rows, state = tx.update(jac, state, losses=jnp.array([1.0, 2.0]))  # nadir epoch: 1 / L
+    >>> rows, state = tx.update(jac, state, losses=jnp.array([0.5, 2.0]))
+    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # 2 softmax(log(L / z)) / L
+    [1.333 0.667]
+  """
+  num_tasks = check_positive_int(num_tasks, "stch: num_tasks")
+  steps_per_epoch = check_positive_int(steps_per_epoch, "stch: steps_per_epoch")
+  warmup_epochs = check_nonnegative_int(warmup_epochs, "stch: warmup_epochs")
+  if isinstance(mu, numbers.Real) and not mu > 0:
+    raise ValueError(f"stch: mu must be > 0, got {mu!r}.")
+
+  def init():
+    return STCHState(jnp.zeros([], jnp.int32), jnp.zeros((num_tasks,), jnp.float32))
+
+  def weights(losses, state):
+    losses = positive(losses)
+    epoch = state.count // steps_per_epoch
+    nadir = positive(state.nadir_sum / steps_per_epoch)
+    smooth = num_tasks * jax.nn.softmax(jnp.log(losses / nadir) / mu)
+    s = jnp.where(epoch > warmup_epochs, smooth, 1.0) / losses
+    nadir_sum = state.nadir_sum + jnp.where(epoch == warmup_epochs, losses, 0.0)
+    return s, STCHState(state.count + 1, nadir_sum.astype(jnp.float32))
+
+  return reweighter("stch", init, weights, num_tasks=num_tasks, needs_positive=True)
