@@ -30,6 +30,7 @@ class Links(NamedTuple):
   reweighter: Transform | None  # None: no reweighting
   aggregator: Transform | None  # None: the sum of rows, on the single-backward path
   path: str = "stacked"         # or "representation" (aggregators only)
+  post_step_losses: bool = False  # the reweighter takes the last batch's losses after the step
 
 
 Factory = Callable[[int, int, jax.Array], Links]
@@ -54,10 +55,12 @@ def _reweighter(name: str) -> Factory:
   return lambda k, spe, key: Links(balancers.build(name, k, steps_per_epoch=spe, key=key), None)
 
 
-# Loss balancers in the tables (not FAMO yet: its update wants the losses after the step).
+# Loss balancers in the tables. FAMO's update takes the previous batch's losses re-evaluated
+# after the parameter step (`post_step_losses`), which `benchmarks/run.py` computes.
 LOSS_BALANCERS: dict[str, Factory] = {
     "ew": lambda k, spe, key: Links(None, None),
-    **{n: _reweighter(n) for n in ("si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1")},
+    **{n: _reweighter(n) for n in ("si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1", "stch")},
+    "famo": lambda k, spe, key: Links(balancers.build("famo", k), None, post_step_losses=True),
 }
 GRADIENT_BALANCERS = tuple(balancers.names("gradient"))
 # IGB Alg. 3: IGBv2's rows aggregated by a gradient balancer (the fusions its paper reports).

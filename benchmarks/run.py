@@ -49,6 +49,7 @@ class RunState(NamedTuple):
   method_key: jax.Array    # the balancer's key (RLW, PCGrad, IGBv2 ...)
   data_key: jax.Array      # the batch order
   task_weights: jax.Array  # (K,) fixed factors on the losses: ones, or e_k for STL
+  post_losses: jax.Array   # (K,) the last batch's losses after the last step (FAMO)
 
 
 class Result(NamedTuple):
@@ -111,14 +112,16 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
       rows = jax.eval_shape(lambda: rep_fn(params, weights, x[:batch_size], y[:batch_size])[1])
       like = jax.tree.map(lambda r: jnp.zeros(r.shape[1:], r.dtype), rows)
     return RunState(params, balancer(links).init(like), adam.init(params), k_method, k_data,
-                    weights)
+                    weights, jnp.ones((k,), jnp.float32))
 
   def step(state, idx, x, y):
     links = factory(k, spe, state.method_key)
     xb, yb = x[idx], y[idx]
+    extra = {"post_step_losses": state.post_losses} if links.post_step_losses else {}
     if links.aggregator is None:
       grad_fn = mtl_optax.value_and_reweighted_grad(loss_fn, balancer(links))
-      (losses, grad), bal = grad_fn(state.params, state.balancer, state.task_weights, xb, yb)
+      (losses, grad), bal = grad_fn(state.params, state.balancer, state.task_weights, xb, yb,
+                                    **extra)
     elif links.path == "representation":
       losses, rows, pullback = rep_fn(state.params, state.task_weights, xb, yb)
       out, bal = balancer(links).update(rows, state.balancer, losses=losses)
@@ -130,7 +133,9 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
       grad = jax.tree.map(lambda g, p: g.sum(0) if g.shape != p.shape else g, grad, state.params)
     updates, adam_state = adam.update(grad, state.adam, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state._replace(params=params, balancer=bal, adam=adam_state), losses
+    post = (loss_fn(params, state.task_weights, xb, yb) if links.post_step_losses
+            else state.post_losses)  # one more forward pass, as FAMO's reference code
+    return state._replace(params=params, balancer=bal, adam=adam_state, post_losses=post), losses
 
   def epoch(state, index, x, y):
     key = jax.random.fold_in(state.data_key, index)

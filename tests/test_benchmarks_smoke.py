@@ -51,7 +51,8 @@ def mean_of(cell):
 
 def test_registry_has_every_balancer_of_mtl_optax_registry():
   reg = methods.registry()
-  for name in ("ew", "si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1", "igb_v2"):
+  for name in ("ew", "si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1", "stch", "famo",
+               "igb_v2"):
     assert reg[name](3, 10, jax.random.PRNGKey(0)).aggregator is None  # single-backward path
   for name in mtl_optax.registry.names("gradient"):
     assert reg[name](3, 10, jax.random.PRNGKey(0)).aggregator is not None
@@ -86,6 +87,19 @@ def test_single_backward_and_jacobian_paths_train_alike():
   stacked, _ = run.train(ds, model, jac, **args)
   for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(stacked)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_famo_gets_the_losses_after_each_step():
+  """The harness passes FAMO the last batch's losses re-evaluated after the parameter step;
+  without them (the current losses standing in) training differs."""
+  ds, model = synthetic(), models.build("mlp", 3, 1, hidden=8, depth=1)
+  args = dict(seeds=1, epochs=2, batch_size=16, lr=1e-2, progress=False)
+  with_post, _ = run.train(ds, model, methods.registry()["famo"], **args)
+  without = lambda k, spe, key: methods.Links(mtl_optax.famo(k), None)
+  plain, _ = run.train(ds, model, without, **args)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(with_post))
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(with_post),
+                                                    jax.tree.leaves(plain)))
 
 
 def test_gradient_balancers_see_only_the_trunk():
