@@ -152,8 +152,10 @@ METHODS: dict[str, Method] = {
                       EQUIVARIANT, "homogeneous", "non_conflicting"),
     "config": _grad(lambda k, key, shared: config(k, shared=shared), "gram", EQUIVARIANT,
                     "homogeneous"),
-    "krum": _grad(lambda k, key, shared: krum(k, shared=shared), "gram", EQUIVARIANT,
-                  "homogeneous", min_tasks=3),
+    # Krum: not permutation-equivariant, as ties go to the lower index (with K - f - 2 = 1
+    # neighbour the two mutually closest rows always tie).
+    "krum": _grad(lambda k, key, shared: krum(k, shared=shared), "gram", "homogeneous",
+                  min_tasks=3),
     "trimmed_mean": _grad(lambda k, key, shared: trimmed_mean(k, _trim_number(k),
                                                               shared=shared),
                           EQUIVARIANT, "homogeneous"),

@@ -38,7 +38,9 @@ def krum_weights(gram: jax.Array, *, n_byzantine: int = 0, n_selected: int = 1,
       distances).
 
   Returns:
-    `(K,)` weights w of d = sum_i w_i g_i. Ties go to the lower index.
+    `(K,)` weights w of d = sum_i w_i g_i. Ties go to the lower index, so relabelling the
+    tasks can change the choice: with K - f - 2 = 1 neighbour the two mutually closest rows
+    always tie.
 
   References:
     Blanchard, El Mhamdi, Guerraoui, Stainer 2017, "Machine Learning with Adversaries:
