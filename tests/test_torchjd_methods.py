@@ -5,6 +5,7 @@ themselves (float64, no Gram-matrix bookkeeping), and their argument checks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy.optimize import minimize
 
@@ -108,6 +109,16 @@ def test_config_zero_row_pref_vector_and_equal_cosines():
   assert not np.any(update(mtl_optax.config(3), np.zeros((3, N)))[0]["w"])
 
 
+def test_config_collinear_rows():
+  """Parallel rows: d is their sum; opposite rows: U^+ 1 = 0, so d = 0 at every scale (where
+  torchjd normalizes rounding noise)."""
+  g = rows(1, 12)[0]
+  for scale in (1e-3, 1.0, 1e3):
+    close(update(mtl_optax.config(2), scale * np.stack([g, 3 * g]))[0]["w"], 4 * scale * g,
+          scale * g)
+    assert not np.any(update(mtl_optax.config(2), scale * np.stack([g, -3 * g]))[0]["w"])
+
+
 # -- Krum --
 
 def krum_ref(g, f, m, score):
@@ -201,15 +212,20 @@ def test_cr_mogm_is_the_ema_of_any_weighting_over_steps():
     np.testing.assert_allclose(state.weights, ema, rtol=1e-5)
 
 
-def test_cr_mogm_of_mgda_two_tasks_closed_form():
+def mgda2(g):
   """MGDA at K = 2: w = (a, 1 - a), a = clip((g2 - g1) . g2 / ||g2 - g1||^2, 0, 1)."""
+  a = np.clip((g[1] - g[0]) @ g[1] / np.sum((g[1] - g[0]) ** 2), 0.0, 1.0)
+  return np.array([a, 1 - a])
+
+
+def test_cr_mogm_of_mgda_two_tasks_closed_form():
+  """The moving average of MGDA's weights, in closed form at K = 2 (`mgda2`)."""
   tx = mtl_optax.cr_mogm(2, mtl_optax.mgda_weights, beta=0.5)
   state, step, ema = tx.init({"w": jnp.zeros(N)}), jax.jit(tx.update), None
   for seed in range(3):
     g = rows(2, 30 + seed)
     d, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
-    a = np.clip((g[1] - g[0]) @ g[1] / np.sum((g[1] - g[0]) ** 2), 0.0, 1.0)
-    fresh = np.array([a, 1 - a])
+    fresh = mgda2(g)
     ema = fresh if ema is None else 0.5 * ema + 0.5 * fresh
     close(d["w"], ema @ g, g)
 
@@ -219,6 +235,18 @@ def test_cr_mogm_beta_zero_is_the_wrapped_weighting():
   d, _ = update(mtl_optax.cr_mogm(3, mtl_optax.mgda_weights, beta=0.0), g)
   want, _ = update(mtl_optax.mgda(3), g)
   close(d["w"], np.asarray(want["w"], np.float64), g, rtol=1e-5)
+
+
+def test_cr_mogm_beta_set_by_inject_hyperparams():
+  tx = optax.inject_hyperparams(mtl_optax.cr_mogm, static_args=("num_tasks", "weighting"))(
+      2, mtl_optax.mgda_weights, beta=0.5)
+  state, step = tx.init({"w": jnp.zeros(N)}), jax.jit(tx.update)
+  g1, g2 = rows(2, 60), rows(2, 61)
+  _, state = step({"w": jnp.asarray(g1, jnp.float32)}, state)
+  state.hyperparams["beta"] = jnp.asarray(0.9)
+  _, state = step({"w": jnp.asarray(g2, jnp.float32)}, state)
+  np.testing.assert_allclose(state.inner_state.weights, 0.9 * mgda2(g1) + 0.1 * mgda2(g2),
+                             rtol=1e-4)
 
 
 # -- registry --

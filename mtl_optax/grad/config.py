@@ -19,8 +19,10 @@ def config_weights(gram: jax.Array, p: jax.Array | None = None) -> jax.Array:
 
   With N = diag(||g_i||) and the cosines C = N^-1 M N^-1: U^+ p = U^T C^+ p = G^T a with
   a = N^-1 C^+ p, so ||U^+ p||^2 = (C^+ p)^T C (C^+ p) and sum_i g_i . U^+ p = n^T C C^+ p
-  (n the row norms), hence w = a (n^T C C^+ p) / ((C^+ p)^T C (C^+ p)). Zero rows get weight
-  0 (torchjd's `nan_to_num` of their unit rows); w = 0 when U^+ p = 0 (e.g. all rows zero).
+  (n the row norms), hence w = a (n^T C C^+ p) / ((C^+ p)^T C (C^+ p)). C^+ drops the
+  eigenvalues below 10 K eps times the largest, as `jax.numpy.linalg.pinv`. Zero rows get weight
+  0 (torchjd's `nan_to_num` of their unit rows); w = 0 when U^+ p = 0 up to rounding (all rows
+  zero, or two opposite rows: there torchjd normalizes rounding noise).
 
   Args:
     gram: `(K, K)` Gram matrix M = G G^T of the rows g_i.
@@ -39,15 +41,22 @@ def config_weights(gram: jax.Array, p: jax.Array | None = None) -> jax.Array:
     >>> print(np.asarray(mtl_optax.config_weights(gram)).round(3))
     [1.531 0.743]
   """
+  k = gram.shape[0]
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
   nonzero = norms > 0
   inv = jnp.where(nonzero, 1.0 / jnp.where(nonzero, norms, 1.0), 0.0)
-  cosines = gram * inv[:, None] * inv[None, :]
   p = jnp.ones_like(norms) if p is None else jnp.asarray(p, gram.dtype)
-  fit = jnp.linalg.pinv(cosines, hermitian=True) @ p
-  projections = cosines @ fit  # U U^+ p: the unit rows' projections on U^+ p
-  sq_norm = fit @ projections  # ||U^+ p||^2
-  usable = sq_norm > 0
+  # C^+ by eigendecomposition, dropping eigenvalues below rtol * the largest (jnp's pinv rule).
+  lam, vec = jnp.linalg.eigh(gram * inv[:, None] * inv[None, :])
+  rtol = 10 * k * float(jnp.finfo(gram.dtype).eps)
+  keep = lam > rtol * jnp.max(lam)
+  coef = jnp.where(keep, vec.T @ p, 0.0)  # p's components in the range of C
+  lam = jnp.where(keep, lam, 1.0)
+  fit = vec @ (coef / lam)  # C^+ p
+  projections = vec @ coef  # C C^+ p = U U^+ p: the unit rows' projections on U^+ p
+  sq_norm = jnp.sum(coef**2 / lam)  # ||U^+ p||^2, a sum of positive terms
+  # p orthogonal to the range of C up to rounding (e.g. two opposite rows): U^+ p = 0.
+  usable = (coef @ coef > rtol**2 * (p @ p)) & (sq_norm > 0)
   return jnp.where(usable, inv * fit * (norms @ projections) / jnp.where(usable, sq_norm, 1.0),
                    0.0)
 

@@ -69,7 +69,8 @@ def cr_mogm(num_tasks: int, weighting: Weighting, *, beta: float = 0.9,
   (weights `cr_mogm_weights`). As torchjd's CRMOGMWeighting (checked against its source in a
   torchjd newer than the snapshot of the other methods; its `alpha` is our `beta`), lambda_0
   is the first weights lambda-hat_1 and beta is constant (the paper's Cor. 1 lets it grow
-  toward 1 as the learning rate decays: `optax.inject_hyperparams` can schedule it).
+  toward 1 as the learning rate decays: `optax.inject_hyperparams(cr_mogm,
+  static_args=("num_tasks", "weighting"))` can set or schedule it).
   `weighting` is a pure function of the Gram matrix, such as `mgda_weights` or `upgrad_weights`
   (bind options with `functools.partial`). Task-specific leaves get the plain sum.
 
