@@ -115,6 +115,12 @@ def registry() -> dict[str, Factory]:
   return methods
 
 
+def accepts(name: str, num_tasks: int) -> bool:
+  """Whether the method `name` runs with `num_tasks` tasks (Krum needs 3)."""
+  method = balancers.METHODS.get(name.removesuffix("_rep"))
+  return method is None or num_tasks >= method.min_tasks
+
+
 def select(names: str) -> dict[str, Factory]:
   """`"all"` or a comma-separated list of registry names."""
   methods = registry()

@@ -182,7 +182,7 @@ def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, metho
   params, seconds = run(ew, "stl", task_weights=np.eye(k, dtype=np.float32))
   per_run = evaluate(ds, model, params, split).reshape(-1, k, k)  # (seeds, run k, task)
   results = {"stl": Result(np.diagonal(per_run, axis1=1, axis2=2), seconds)}
-  todo = {"ew": ew, **chosen}
+  todo = {n: f for n, f in {"ew": ew, **chosen}.items() if methods.accepts(n, k)}
   for name in tqdm(todo, desc=f"{ds.name} methods", disable=not progress):
     params, seconds = run(todo[name], name)
     results[name] = Result(evaluate(ds, model, params, split), seconds)

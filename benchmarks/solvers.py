@@ -5,7 +5,7 @@ Problems (float32, on the Gram matrix M of K rows of dimension 2K + 32):
   cagrad: argmin_{w in simplex} w^T M 1/K + r sqrt(w^T M w + 1e-8) on M / (trace/K), r = 0.4
           sqrt(mean M) (CAGrad's dual, Liu et al. 2021, Eq. 9), direction of g0 + r g_w/||g_w||;
   nash:   alpha > 0 with alpha_i (M alpha)_i = 1 (Nash-MTL, Navon et al. 2022, Eq. 5), d = G^T alpha.
-Families (issue 13): i.i.d. rows, correlated rows, rank K/4, row norms over 1e-2..1e2, nearly
+Families: i.i.d. rows, correlated rows, rank K/4, row norms over 1e-2..1e2, nearly
 opposite rows (g_1 = -g_0 + 1% noise); K = 3, 11, 40. Accuracy is the cosine of d to a float64
 SciPy reference (SLSQP + exact polish on the support; SLSQP; float64 Newton). Time per solve:
 one problem, and vmapped over 8 problems (8 seeds), jit compiled (compile excluded), median of

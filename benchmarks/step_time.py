@@ -53,6 +53,8 @@ def _split_registry(num_tasks: int, steps_per_epoch: int):
   """
   loss, grad = {}, {}
   for name, factory in methods.registry().items():
+    if not methods.accepts(name, num_tasks):
+      continue
     links = factory(num_tasks, steps_per_epoch, jax.random.PRNGKey(0))
     if links.aggregator is None and links.reweighter is not None:
       loss[name] = links.reweighter

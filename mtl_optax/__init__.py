@@ -21,9 +21,13 @@ from mtl_optax.grad.aligned_mtl import aligned_mtl, aligned_mtl_weights
 from mtl_optax.grad.base import (GramBalancerState, aggregator, gram_aggregator, mean_tasks,
                                  sum_tasks)
 from mtl_optax.grad.cagrad import cagrad, cagrad_weights
+from mtl_optax.grad.config import config, config_weights
+from mtl_optax.grad.constant import constant
+from mtl_optax.grad.cr_mogm import CRMOGMState, cr_mogm, cr_mogm_weights
 from mtl_optax.grad.db_mtl import DBMTLState, db_mtl
 from mtl_optax.grad.excess_mtl import ExcessMTLState, excess_mtl
 from mtl_optax.grad.fairgrad import fairgrad, fairgrad_weights
+from mtl_optax.grad.dualproj import dualproj, dualproj_weights
 from mtl_optax.grad.graddrop import GradDropState, graddrop
 from mtl_optax.grad.gradnorm import GradNormState, gradnorm
 from mtl_optax.grad.gradvac import GradVacState, gradvac, gradvac_weights
@@ -35,6 +39,7 @@ from mtl_optax.grad.modo import MoDoState, modo, modo_weights
 from mtl_optax.grad.nash_mtl import NashMTLState, nash_mtl, nash_mtl_weights
 from mtl_optax.grad.pcgrad import PCGradState, pcgrad, pcgrad_weights
 from mtl_optax.grad.sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
+from mtl_optax.grad.robust import krum, krum_weights, trimmed_mean
 from mtl_optax.grad.upgrad import upgrad, upgrad_weights
 
 # The SAC agent behind IGBv2.
@@ -52,6 +57,7 @@ from mtl_optax import registry
 __version__ = "0.1.0"
 
 __all__ = (
+    "CRMOGMState",
     "DBMTLState",
     "DWAState",
     "ExcessMTLState",
@@ -81,8 +87,15 @@ __all__ = (
     "apply_if_finite",
     "cagrad",
     "cagrad_weights",
+    "config",
+    "config_weights",
+    "constant",
+    "cr_mogm",
+    "cr_mogm_weights",
     "db_mtl",
     "delta_m",
+    "dualproj",
+    "dualproj_weights",
     "dwa",
     "equal_weights",
     "excess_mtl",
@@ -105,6 +118,8 @@ __all__ = (
     "imtl_g",
     "imtl_g_weights",
     "imtl_l",
+    "krum",
+    "krum_weights",
     "log_losses",
     "mean_tasks",
     "mgda",
@@ -126,6 +141,7 @@ __all__ = (
     "stch",
     "sum_tasks",
     "task_weights",
+    "trimmed_mean",
     "upgrad",
     "upgrad_weights",
     "uw",

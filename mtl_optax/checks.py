@@ -28,3 +28,17 @@ def check_choice(value: T, choices: Sequence[T], what: str) -> T:
   if value not in choices:
     raise ValueError(f"{what} must be one of {tuple(choices)}, got {value!r}.")
   return value
+
+
+def check_in_range(value: float, low: float, high: float, what: str, *,
+                   open_low: bool = False, open_high: bool = False) -> float:
+  """Raises unless the number `value` is in the interval from `low` to `high` (each end
+  closed unless `open_low` / `open_high`). Arrays (e.g. traced by `optax.inject_hyperparams`)
+  are not checked."""
+  if isinstance(value, numbers.Real):
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+      interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+      raise ValueError(f"{what} must be in {interval}, got {value!r}.")
+  return value

@@ -16,25 +16,31 @@ from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
+import numpy as np
 import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.aligned_mtl import aligned_mtl
 from mtl_optax.grad.cagrad import cagrad
+from mtl_optax.grad.config import config
+from mtl_optax.grad.constant import constant
+from mtl_optax.grad.cr_mogm import cr_mogm
 from mtl_optax.grad.db_mtl import db_mtl
 from mtl_optax.grad.excess_mtl import excess_mtl
 from mtl_optax.grad.fairgrad import fairgrad
+from mtl_optax.grad.dualproj import dualproj
 from mtl_optax.grad.graddrop import graddrop
 from mtl_optax.grad.gradnorm import gradnorm
 from mtl_optax.grad.gradvac import gradvac
 from mtl_optax.grad.imgrad import imgrad, imgrad_nash
 from mtl_optax.grad.imtl import imtl, imtl_g
-from mtl_optax.grad.mgda import mgda
+from mtl_optax.grad.mgda import mgda, mgda_weights
 from mtl_optax.grad.moco import moco
 from mtl_optax.grad.modo import modo
 from mtl_optax.grad.nash_mtl import nash_mtl
 from mtl_optax.grad.pcgrad import pcgrad
 from mtl_optax.grad.sdmgrad import sdmgrad
+from mtl_optax.grad.robust import krum, trimmed_mean
 from mtl_optax.grad.upgrad import upgrad
 from mtl_optax.loss.dwa import dwa
 from mtl_optax.loss.famo import famo
@@ -61,10 +67,12 @@ Builder = Callable[..., optax.GradientTransformationExtraArgs]
 
 class Method(NamedTuple):
   """A balancer's uniform builder `(num_tasks, *, steps_per_epoch, key, shared) -> transform`
-  (loss balancers ignore `shared`), whether it balances losses or gradients, and its claims."""
+  (loss balancers ignore `shared`), whether it balances losses or gradients, its claims, and
+  the fewest tasks it accepts (Krum needs 3)."""
   build: Builder
   kind: Kind
   properties: frozenset[str]
+  min_tasks: int = 1
 
 
 def _loss(factory: Callable[[int, int, jax.Array | int], Any], *props: str) -> Method:
@@ -74,11 +82,25 @@ def _loss(factory: Callable[[int, int, jax.Array | int], Any], *props: str) -> M
   return Method(build, "loss", frozenset(props))
 
 
-def _grad(factory: Callable[[int, jax.Array | int, tree_lib.MaskOrFn], Any], *props: str) -> Method:
+def _grad(factory: Callable[[int, jax.Array | int, tree_lib.MaskOrFn], Any], *props: str,
+          min_tasks: int = 1) -> Method:
   def build(num_tasks, *, steps_per_epoch=1, key=0, shared=None):
     del steps_per_epoch
     return factory(num_tasks, key, shared)
-  return Method(build, "gradient", frozenset(props))
+  return Method(build, "gradient", frozenset(props), min_tasks)
+
+
+def _trim_number(num_tasks: int) -> int:
+  """The registry's trimmed mean: a quarter of the tasks cut at each end, at least one when
+  K >= 3 (K = 3: the coordinate-wise median)."""
+  return min(max(num_tasks // 4, 1), (num_tasks - 1) // 2)
+
+
+def _ramp(num_tasks: int) -> np.ndarray:
+  """The registry's constant weights: 1, 2, ..., K, normalized to sum to 1 (not uniform, so
+  that the method is not the mean)."""
+  w = np.arange(1.0, num_tasks + 1.0)
+  return w / w.sum()
 
 
 EQUIVARIANT = "permutation_equivariant"
@@ -141,13 +163,32 @@ METHODS: dict[str, Method] = {
                   EQUIVARIANT),
     "sdmgrad": _grad(lambda k, key, shared: sdmgrad(k, shared=shared), "stateful", "gram",
                      EQUIVARIANT, "homogeneous"),
+    # torchjd's aggregators.
+    "dualproj": _grad(lambda k, key, shared: dualproj(k, shared=shared), "gram",
+                      EQUIVARIANT, "homogeneous", "non_conflicting"),
+    "config": _grad(lambda k, key, shared: config(k, shared=shared), "gram", EQUIVARIANT,
+                    "homogeneous"),
+    # Krum: not permutation-equivariant, as ties go to the lower index (with K - f - 2 = 1
+    # neighbour the two mutually closest rows always tie).
+    "krum": _grad(lambda k, key, shared: krum(k, shared=shared), "gram", "homogeneous",
+                  min_tasks=3),
+    "trimmed_mean": _grad(lambda k, key, shared: trimmed_mean(k, _trim_number(k),
+                                                              shared=shared),
+                          EQUIVARIANT, "homogeneous"),
+    "constant": _grad(lambda k, key, shared: constant(_ramp(k), shared=shared), "gram",
+                      "homogeneous"),
+    "cr_mogm": _grad(lambda k, key, shared: cr_mogm(k, mgda_weights, shared=shared),
+                     "stateful", "gram", EQUIVARIANT, "homogeneous"),
 }
 
 
-def names(kind: Kind | None = None, *, having: tuple[str, ...] = ()) -> list[str]:
-  """The registered names of `kind` (None: all) that claim every property in `having`."""
+def names(kind: Kind | None = None, *, having: tuple[str, ...] = (),
+          num_tasks: int | None = None) -> list[str]:
+  """The registered names of `kind` (None: all) that claim every property in `having` (and
+  accept `num_tasks` tasks, when given)."""
   return [n for n, m in METHODS.items()
-          if (kind is None or m.kind == kind) and m.properties.issuperset(having)]
+          if (kind is None or m.kind == kind) and m.properties.issuperset(having)
+          and (num_tasks is None or num_tasks >= m.min_tasks)]
 
 
 def build(name: str, num_tasks: int, *, steps_per_epoch: int = 1, key: jax.Array | int = 0,

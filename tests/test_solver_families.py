@@ -1,6 +1,6 @@
 """The solvers on five families of hard but ordinary Gram matrices, against float64 SciPy.
 
-Families (issue 13): i.i.d. rows; correlated rows; rank-deficient (rank K/4); row norms spread
+Families: i.i.d. rows; correlated rows; rank-deficient (rank K/4); row norms spread
 over 1e-2..1e2; nearly opposite rows (g_1 = -g_0 + 1% noise). Every method gets the float32
 Gram matrix of the float32 rows and must give a direction d = sum_i w_i g_i with cosine
 >= 0.9999 to its float64 reference. K = 40 is marked slow (compiles and references take long).
