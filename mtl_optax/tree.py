@@ -13,6 +13,7 @@ from mtl_optax.rows import GramRows, RepresentationRows
 
 Tree = Any
 MaskOrFn = Tree | Callable[[Tree], Tree] | None
+AxisName = str | tuple[str, ...]  # mesh axes, as jax.lax.psum takes them
 
 
 def num_tasks(stacked: Tree, expected: int | None = None, name: str = "mtl_optax") -> int:
@@ -89,14 +90,22 @@ def weight_dtype(params: Any) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*leaves) if leaves else jnp.float32, jnp.float32)
 
 
-def gram(stacked: Tree) -> jax.Array:
-  """The K x K Gram matrix `G G^T` of the rows, as a sum of per-leaf contractions."""
+def gram(stacked: Tree, axis_name: AxisName | None = None) -> jax.Array:
+  """The K x K Gram matrix `G G^T` of the rows, as a sum of per-leaf contractions.
+
+  Each leaf is contracted over all its axes but the first, without a reshape, so under `jit`
+  a leaf sharded along any of them is contracted shard by shard and only K x K partial sums
+  cross devices. Inside `shard_map`, where each device holds a shard of every row (z split
+  over the batch, or parameter-sharded leaves), `axis_name` names the mesh axes the rows are
+  split over, and the per-device Gram matrices are summed over them (`jax.lax.psum`).
+  """
   def leaf_gram(leaf):
-    flat = leaf.reshape(leaf.shape[0], -1)
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)  # bfloat16 rows: a float32 Gram
-    return jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=dtype)
-  return sum(leaf_gram(leaf) for leaf in jax.tree.leaves(stacked))
+    axes = tuple(range(1, leaf.ndim))
+    return jax.lax.dot_general(leaf, leaf, ((axes, axes), ((), ())),
+                               precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype)
+  g = sum(leaf_gram(leaf) for leaf in jax.tree.leaves(stacked))
+  return g if axis_name is None else jax.lax.psum(g, axis_name)
 
 
 def resolve_mask(shared: MaskOrFn, params: Tree) -> Tree:
