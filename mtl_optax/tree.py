@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mtl_optax.rows import GramRows, RepresentationRows
 
@@ -102,7 +103,12 @@ def gram(stacked: Tree, axis_name: AxisName | None = None) -> jax.Array:
   def leaf_gram(leaf):
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)  # bfloat16 rows: a float32 Gram
     axes = tuple(range(1, leaf.ndim))
-    return jax.lax.dot_general(leaf, leaf, ((axes, axes), ((), ())),
+    # Explicit sharding (jax.make_mesh's default) asks where a contraction over split axes
+    # goes: replicated, a sum of the per-shard contractions.
+    sharding = jax.typeof(leaf).sharding
+    split = any(name is not None for name in sharding.spec[1:])
+    where = {"out_sharding": NamedSharding(sharding.mesh, PartitionSpec())} if split else {}
+    return jax.lax.dot_general(leaf, leaf, ((axes, axes), ((), ())), **where,
                                precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype)
   g = sum(leaf_gram(leaf) for leaf in jax.tree.leaves(stacked))
   return g if axis_name is None else jax.lax.psum(g, axis_name)
