@@ -205,10 +205,15 @@ def _chunked_gram(vjp_fn: Callable, losses: jax.Array, chunk_size: int):
 
 
 def _pullback(vjp_fn: Callable, out: GramUpdate, dtype) -> Any:
-  """J^T w on shared leaves and J^T v on task-specific ones (one VJP when w is v)."""
+  """J^T w on shared leaves and J^T v on task-specific ones (one VJP when w is v).
+
+  Two VJPs, each kept on its own leaves only, so XLA drops the rest of each: the second
+  stops at the task-specific leaves, and on many devices one gradient is reduced, not two.
+  """
   w = jax.lax.stop_gradient(out.shared).astype(dtype)
   if out.mask is None or out.specific is out.shared:
     return vjp_fn(w)[0]
   v = jax.lax.stop_gradient(out.specific).astype(dtype)
-  both = jax.vmap(vjp_fn)(jnp.stack([w, v]))[0]
-  return tree_lib.map_masked(lambda x: x[0], lambda x: x[1], out.mask, both)
+  shared, _ = tree_lib.split(vjp_fn(w)[0], out.mask)
+  _, specific = tree_lib.split(vjp_fn(v)[0], out.mask)
+  return tree_lib.merge(shared, specific, out.mask)

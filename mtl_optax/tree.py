@@ -8,11 +8,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mtl_optax.rows import GramRows, RepresentationRows
 
 Tree = Any
 MaskOrFn = Tree | Callable[[Tree], Tree] | None
+AxisName = str | tuple[str, ...]  # mesh axes, as jax.lax.psum takes them
 
 
 def num_tasks(stacked: Tree, expected: int | None = None, name: str = "mtl_optax") -> int:
@@ -89,16 +91,30 @@ def weight_dtype(params: Any) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*leaves) if leaves else jnp.float32, jnp.float32)
 
 
-def gram(stacked: Tree, other: Tree | None = None) -> jax.Array:
+def gram(stacked: Tree, other: Tree | None = None,
+         axis_name: AxisName | None = None) -> jax.Array:
   """The K x K Gram matrix `G G^T` of the rows, as a sum of per-leaf contractions; with
-  `other` (rows H of the same structure) the cross-Gram matrix `G H^T`."""
+  `other` (rows H of the same structure) the cross-Gram matrix `G H^T`.
+
+  Each leaf is contracted over all its axes but the first, without a reshape, so under `jit`
+  a leaf sharded along any of them is contracted shard by shard and only K x K partial sums
+  cross devices. Inside `shard_map`, where each device holds a shard of every row (z split
+  over the batch, or parameter-sharded leaves), `axis_name` names the mesh axes the rows are
+  split over, and the per-device Gram matrices are summed over them (`jax.lax.psum`).
+  """
   def leaf_gram(leaf, other_leaf):
-    flat, other_flat = leaf.reshape(leaf.shape[0], -1), other_leaf.reshape(leaf.shape[0], -1)
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)  # bfloat16 rows: a float32 Gram
-    return jnp.matmul(flat, other_flat.T, precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=dtype)
+    axes = tuple(range(1, leaf.ndim))
+    # Explicit sharding (jax.make_mesh's default) asks where a contraction over split axes
+    # goes: replicated, a sum of the per-shard contractions.
+    sharding = jax.typeof(leaf).sharding
+    split = any(name is not None for name in sharding.spec[1:])
+    where = {"out_sharding": NamedSharding(sharding.mesh, PartitionSpec())} if split else {}
+    return jax.lax.dot_general(leaf, other_leaf, ((axes, axes), ((), ())), **where,
+                               precision=jax.lax.Precision.HIGHEST, preferred_element_type=dtype)
   other = stacked if other is None else other
-  return sum(jax.tree.leaves(jax.tree.map(leaf_gram, stacked, other)))
+  g = sum(jax.tree.leaves(jax.tree.map(leaf_gram, stacked, other)))
+  return g if axis_name is None else jax.lax.psum(g, axis_name)
 
 
 def resolve_mask(shared: MaskOrFn, params: Tree) -> Tree:

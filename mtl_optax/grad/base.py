@@ -17,8 +17,8 @@ from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
 from mtl_optax.rows import GramRows, RepresentationRows
 
-# (shared_rows, state, losses, params) -> (aggregated shared tree, task-specific weights or
-# None for the plain sum, new state)
+# (shared_rows, state, losses, params[, axis_name=]) -> (aggregated shared tree, task-specific
+# weights or None for the plain sum, new state)
 AggregateFn = Callable[..., tuple[Any, jax.Array | None, Any]]
 # (gram K x K, state, losses) -> (weights of the shared rows (K,), weights of the task-specific
 # rows (K,) or None for the plain sum, new state)
@@ -53,6 +53,8 @@ def aggregator(
     init_fn: `params -> state`.
     aggregate_fn: `(shared_rows, state, losses, params, **extra) -> (out, specific_weights,
       state)`; `shared_rows` has None at task-specific leaves and `out` must keep them None.
+      When `update` gets the extra argument `axis_name` (inside `shard_map`, rows split over
+      those mesh axes), it is passed on as `axis_name=`, for `tree.gram(rows, axis_name=...)`.
     shared: pytree of bools like params, or a callable on params (on the stacked updates when
       `params` is not passed), True where a leaf is shared. None: every leaf is shared.
     num_tasks: K, when the state is per task.
@@ -77,7 +79,7 @@ def aggregator(
   """
   check = _input_checker(name, shared, num_tasks, needs_losses, needs_positive)
 
-  def update(updates, state, params=None, *, losses=None, **extra):
+  def update(updates, state, params=None, *, losses=None, axis_name=None, **extra):
     if isinstance(updates, GramRows):
       raise ValueError(
           f"{name} is not Gram-based (its update is not sum_i w_i g_i with w from the Gram "
@@ -85,7 +87,8 @@ def aggregator(
           "(value_and_jacrev) or the representation path.")
     k, losses, mask = check(updates, params, losses)
     shared_rows, specific_rows = tree_lib.split(updates, mask)
-    out, specific_weights, state = aggregate_fn(shared_rows, state, losses, params,
+    sharded = {} if axis_name is None else {"axis_name": axis_name}
+    out, specific_weights, state = aggregate_fn(shared_rows, state, losses, params, **sharded,
                                                 **{n: extra.get(n) for n in extra_args})
     if specific_weights is None:
       specific_weights = jnp.ones((k,), jnp.float32)
@@ -122,7 +125,10 @@ def gram_aggregator(
   One definition for the three paths: on stacked or representation rows M is a sum of
   per-leaf contractions over the shared leaves and d is formed from the rows; on the Gram-only
   path (`GramRows`) M comes from the path and the weights go back to it. The weights used are
-  kept in the state (`GramBalancerState.weights`, `optax.tree.get(state, "weights")`).
+  kept in the state (`GramBalancerState.weights`, `optax.tree.get(state, "weights")`). Inside
+  `shard_map`, the extra argument `axis_name` of `update` sums M over the mesh axes the rows are
+  split over (`tree.gram`), so every device solves for the same w; the Gram-only path's M is
+  already that of the whole rows.
 
   Args:
     name: used in error messages.
@@ -170,8 +176,8 @@ def gram_aggregator(
     mask = tree_lib.rows_mask(shared, jac_a, params)
     return tree_lib.gram(tree_lib.split(jac_a, mask)[0], tree_lib.split(jac_b, mask)[0])
 
-  def aggregate(shared_rows, state, losses, params, sample_jacobians=None):
-    gram = (tree_lib.gram(shared_rows) if sample_jacobians is None
+  def aggregate(shared_rows, state, losses, params, sample_jacobians=None, axis_name=None):
+    gram = (tree_lib.gram(shared_rows, axis_name=axis_name) if sample_jacobians is None
             else sample_gram(sample_jacobians, params))
     weights, specific_weights, state = weigh(gram, state, losses)
     return tree_lib.combine(weights, shared_rows), specific_weights, state

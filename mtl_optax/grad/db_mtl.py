@@ -66,12 +66,12 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
   def init(params):
     return DBMTLState(jnp.zeros([], jnp.int32), shared_zeros(params, num_tasks, shared))
 
-  def aggregate(rows, state, losses, params):
+  def aggregate(rows, state, losses, params, axis_name=None):
     del losses, params
     beta_k = beta / (state.count + 1).astype(jnp.float32)**beta_sigma
     grads = optax.tree.cast_like(optax.tree.update_moment(rows, state.grads, beta_k, 1),
                                  state.grads)
-    norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(grads)), 0.0))
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(grads, axis_name=axis_name)), 0.0))
     weights = norms.max() / (norms + _EPS)
     return tree_lib.combine(weights, grads), None, DBMTLState(state.count + 1, grads)
 

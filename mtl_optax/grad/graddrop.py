@@ -71,8 +71,12 @@ def graddrop(leak: float | jax.Array = 0.0, *, key: jax.Array | int,
   if leak.ndim > 1:
     raise ValueError(f"graddrop: leak must be a float or a vector of K floats, got {leak.shape}.")
 
-  def aggregate(rows, state, losses, params):
+  def aggregate(rows, state, losses, params, axis_name=None):
     del losses, params
+    if axis_name is not None:
+      raise ValueError("graddrop draws one number per row entry, so it cannot run on rows split "
+                       "over devices (axis_name); under jit with NamedSharding its draws are "
+                       "those of one device.")
     key, sub = jax.random.split(state.key)
     leaves, treedef = jax.tree.flatten(rows)
     keys = jax.random.split(sub, len(leaves))

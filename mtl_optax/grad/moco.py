@@ -75,16 +75,16 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
     return MoCoState(jnp.zeros([], jnp.int32), shared_zeros(params, num_tasks, shared),
                      jnp.full((num_tasks,), 1.0 / num_tasks, tree_lib.weight_dtype(params)))
 
-  def aggregate(rows, state, losses, params):
+  def aggregate(rows, state, losses, params, axis_name=None):
     del params
     step = (state.count + 1).astype(jnp.float32)
     if normalize:
-      norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(rows)), 0.0))
+      norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(rows, axis_name=axis_name)), 0.0))
       rows = tree_lib.scale_rows(losses / (norms + _EPS), rows)
     beta_k = beta / step**beta_sigma
     tracking = optax.tree.cast_like(  # y <- y - beta (y - g)
         optax.tree.update_moment(rows, state.tracking, 1.0 - beta_k, 1), state.tracking)
-    gram = tree_lib.gram(tracking) + rho * jnp.eye(num_tasks)
+    gram = tree_lib.gram(tracking, axis_name=axis_name) + rho * jnp.eye(num_tasks)
     weights = to_simplex(state.weights - gamma / step**gamma_sigma * gram @ state.weights)
     return (tree_lib.combine(weights, tracking), None,
             MoCoState(state.count + 1, tracking, weights))
