@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 import mtl_optax
+from mtl_optax.grad.imgrad import imbalance_cos
 from mtl_optax.toy import TOY_STARTS, toy_losses
 
 HERE = Path(__file__).resolve().parent
@@ -61,7 +62,7 @@ def reference_two_task(c: float, imbalance: bool) -> optax.GradientTransformatio
     coef = c * 0.5 * jnp.sqrt(g11 + g22 + 2 * g12 + 1e-4)
     gw_sq = lambda x: x**2 * g11 + (1 - x) ** 2 * g22 + 2 * x * (1 - x) * g12  # noqa: E731
     gw_g0 = lambda x: 0.5 * (x * g11 + g12 + (1 - x) * g22)  # noqa: E731
-    cos = mtl_optax.grad.imgrad.imbalance_cos(m) if imbalance else 1.0
+    cos = imbalance_cos(m) if imbalance else 1.0
     lin = 1.5 - cos if imbalance else 1.0
     obj = lambda x: lin * gw_g0(x) + cos * coef * jnp.sqrt(gw_sq(x) + 1e-4)  # noqa: E731
 
