@@ -101,6 +101,17 @@ QM9_BINS = np.linspace(0.8, 4.8, 16)  # Angstrom, centers of the pair-distance h
 QM9_BIN_WIDTH = 0.25
 BOHR_PER_ANGSTROM = 1.0 / 0.52917721
 DESCRIPTOR_VERSION = 1
+# Energies of the free atoms H, C, N, O, F (Hartree; U0, U298, H298, G298), from QM9's atomref
+# table (Ramakrishnan et al. 2014): subtracted, they turn totals into atomization energies, the
+# targets 12-15 of PyTorch Geometric's QM9 that the seed papers train on.
+QM9_ATOMREF = np.array([
+    [-0.500273, -0.498857, -0.497912, -0.510927],
+    [-37.846772, -37.845355, -37.844411, -37.861317],
+    [-54.583861, -54.582445, -54.581501, -54.598897],
+    [-75.064579, -75.063163, -75.062219, -75.079532],
+    [-99.718730, -99.717314, -99.716370, -99.733544],
+])
+QM9_ENERGY_TARGETS = slice(6, 10)  # u0, u298, h298, g298 in QM9_TARGETS
 
 
 def _parse_qm9_csvs(data_dir: Path, limit: int | None) -> tuple[np.ndarray, ...]:
@@ -182,42 +193,66 @@ def qm9_descriptors(elem: np.ndarray, xyz: np.ndarray, chunk: int = 2048) -> np.
   return np.concatenate(out).astype(np.float32)
 
 
-def _qm9_arrays(limit: int | None) -> tuple[np.ndarray, np.ndarray, str]:
-  """Descriptors and targets of the first `limit` molecules (all: cached on disk)."""
+def qm9_graphs(elem: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+  """Per molecule `(29, 4)`: the nuclear charge Z (0 on padding) and the coordinates
+  (Angstrom) of each atom slot, the input of `benchmarks.models.GNN`."""
+  z = np.where(elem >= 0, QM9_CHARGES[np.maximum(elem, 0)], 0.0)
+  return np.concatenate([z[..., None], np.where(elem[..., None] >= 0, xyz, 0.0)],
+                        -1).astype(np.float32)
+
+
+def _qm9_arrays(limit: int | None,
+                graphs: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+  """Inputs (descriptors, or graphs), targets and element counts of the first `limit` molecules
+  (all: cached on disk)."""
   data_dir = _package_dir("qm9pack", QM9_INSTALL) / "data"
   version = importlib.metadata.version("qm9pack")
   source = f"qm9pack {version}"
+  featurize = qm9_graphs if graphs else qm9_descriptors
+  counts = lambda e: np.stack([(e == i).sum(1) for i in range(len(QM9_ELEMENTS))], 1)  # noqa: E731
   if limit is not None:
     elem, xyz, targets = _parse_qm9_csvs(data_dir, limit)
-    return qm9_descriptors(elem, xyz), targets, source
+    return featurize(elem, xyz), targets, counts(elem), source
+  kind = "graphs" if graphs else "descriptors"
   key = hashlib.sha1(f"{version}-{DESCRIPTOR_VERSION}".encode()).hexdigest()[:10]
-  path = cache_dir() / f"qm9_descriptors_{key}.npz"
+  path = cache_dir() / f"qm9_{kind}_{key}.npz"
   if path.exists():
     with np.load(path) as f:
-      return f["x"], f["y"], source
+      if "counts" in f:
+        return f["x"], f["y"], f["counts"], source
   elem, xyz, targets = _parse_qm9_csvs(data_dir, None)
-  x = qm9_descriptors(elem, xyz)
+  x, n = featurize(elem, xyz), counts(elem)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp.npz")
-  np.savez(tmp, x=x, y=targets)
+  np.savez(tmp, x=x, y=targets, counts=n)
   tmp.replace(path)
-  return x, targets, source
+  return x, targets, n, source
 
 
 def load_qm9(max_train: int | None = None, max_eval: int | None = None,
-             limit: int | None = None) -> Dataset:
+             limit: int | None = None, graphs: bool = False,
+             atomization: bool = False) -> Dataset:
   """QM9 with the 11 targets of the seed papers, split 110k/10k/10k by a fixed permutation.
 
   `max_train` and `max_eval` keep the first examples of the (shuffled) training split and of
   the validation and test splits. `limit` reads only
   the first molecules of the package and splits them in the same proportions (for tests).
+  `graphs`: inputs are `qm9_graphs` (Z and coordinates per atom slot) instead of the
+  standardized descriptors. `atomization`: U0, U, H and G minus the free atoms' energies
+  (`QM9_ATOMREF`), as in the seed papers, instead of the totals.
   """
-  x, y, source = _qm9_arrays(limit)
+  x, y, counts, source = _qm9_arrays(limit, graphs)
+  if atomization:
+    y = y.copy()
+    y[:, QM9_ENERGY_TARGETS] -= counts @ QM9_ATOMREF * HARTREE_TO_EV
   perm = np.random.default_rng(SPLIT_SEED).permutation(len(x))
   n_eval = 10_000 if limit is None else max(1, len(x) // 13)
   n_train = 110_000 if limit is None else len(x) - 2 * n_eval
   tr, va, te = np.split(perm[:n_train + 2 * n_eval], [n_train, n_train + n_eval])
-  x_tr, x_va, x_te = _standardize(x[tr], x[va], x[te])
+  if graphs:
+    x_tr, x_va, x_te = x[tr], x[va], x[te]
+  else:
+    x_tr, x_va, x_te = _standardize(x[tr], x[va], x[te])
   mean, std = y[tr].mean(0), y[tr].std(0)
   scale = lambda t: ((t - mean) / std).astype(np.float32)  # noqa: E731
   return Dataset(

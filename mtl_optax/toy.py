@@ -1,4 +1,4 @@
-"""The two-task toy problem of the CAGrad and Nash-MTL papers (also IMGrad's figures)."""
+"""The two-task toy problem of the CAGrad, Nash-MTL and IMGrad papers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def toy_losses(x: jax.Array) -> jax.Array:
   """(f1, f2) at x in R^2 (Liu et al. 2021a, CAGrad, Appendix; reference code Cranial-XIX/CAGrad).
 
   Task minima near (+-7, -8.3552); the minimum of their mean near (0, -8.3552). The papers
-  train with Adam, lr 1e-3, for 35k steps (Nash-MTL scales f1 by 0.1).
+  train with Adam, lr 1e-3: CAGrad's toy.py for 100k steps, Nash-MTL for 35k with f1 scaled by
+  0.1; IMGrad weights the objectives 0.9 and 0.1 (examples/toy.py has each paper's settings).
   """
   x1, x2 = x[0], x[1]
   eps = 5e-6
