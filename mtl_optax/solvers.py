@@ -113,15 +113,17 @@ def min_norm_weights(
   simplex problem, multiplier 1 / sum z), solved exactly by `nonneg_qp`. The ridge (default
   K * eps of the dtype) keeps the problem strictly convex for linearly dependent rows; it is
   relative to every row's own squared norm (w^T (M + ridge diag M) w), so rows of small norm
-  are never swamped. If some rows are zero (norm <= eps * the largest), the origin is in the
-  hull: uniform weights over those rows. Uniform weights if the solve fails (never NaN).
+  are never swamped. The cosines are clipped to [-1, 1]: rounding can push those of nearly
+  (anti)parallel rows past +-1 by more than the ridge. If some rows are zero (norm <=
+  eps * the largest), the origin is in the hull: uniform weights over those rows. Uniform
+  weights if the solve fails (never NaN).
   """
   k = m.shape[0]
   ridge = k * _eps(m) if ridge is None else ridge
   norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
   zero = norms <= _eps(m) * jnp.maximum(jnp.max(norms), _TINY)
   inv = jnp.where(zero, 0.0, 1.0 / jnp.where(zero, 1.0, norms))
-  cosines = inv[:, None] * m * inv[None, :]
+  cosines = jnp.clip(inv[:, None] * m * inv[None, :], -1.0, 1.0)
   cosines = jnp.where(jnp.eye(k, dtype=bool), 1.0 + ridge, cosines)
   q = jnp.min(jnp.where(zero, jnp.inf, norms)) * inv
   z = inv * nonneg_qp(cosines, -q, max_iter=max_iter, tol=tol)

@@ -171,7 +171,7 @@ def test_cagrad_imgrad_bad_arguments():
 def np_upgrad(g, reg=1e-4):
   k = len(g)
   m = g @ g.T
-  m = (m / np.trace(m) if np.trace(m) >= 1e-4 else 0 * m) + reg * np.eye(k)
+  m = m / np.trace(m) + reg * np.eye(k)
   w = np.zeros(k)
   for i in range(k):
     u = np.eye(k)[i] / k

@@ -27,7 +27,7 @@ def graddrop_leaf(rows: jax.Array, key: jax.Array, leak: jax.Array) -> jax.Array
   output is sum_i (leak_i + (1 - leak_i) keep_i) g_i.
   """
   purity = 0.5 * (1.0 + rows.sum(0) / (jnp.abs(rows).sum(0) + _EPS))
-  u = jax.random.uniform(key, purity.shape, purity.dtype)
+  u = jax.random.uniform(key, purity.shape, jnp.float32)  # the same draw for every dtype
   keep = ((purity > u) & (rows > 0)) | ((purity < u) & (rows < 0))
   leak = jnp.broadcast_to(leak, rows.shape[:1]).reshape((-1,) + (1,) * (rows.ndim - 1))
   return ((leak + (1.0 - leak) * keep) * rows).sum(0)

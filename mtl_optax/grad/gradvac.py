@@ -66,7 +66,8 @@ def gradvac_weights(gram: jax.Array, target: jax.Array, orders: jax.Array,
       step = pc_norm * (t * sin_phi - phi * sin_t) / (norms[j] * sin_t + _EPS)
       other = j != i
       coef = coef.at[j].add(jnp.where(other & (phi < t), step, 0.0))
-      target_row = target_row.at[j].set(jnp.where(other, (1.0 - beta) * t + beta * phi, t))
+      new_t = jnp.where(other, (1.0 - beta) * t + beta * phi, t)
+      target_row = target_row.at[j].set(new_t.astype(target_row.dtype))
       return (coef, target_row), None
     (coef, target_row), _ = jax.lax.scan(
         vaccinate, (jnp.eye(k, dtype=gram.dtype)[i], target_row), order)

@@ -1,0 +1,184 @@
+"""Properties of every gradient balancer in the registry, on random stacked Jacobians.
+
+In the spirit of torchjd's aggregator tests (tests/unit/aggregation): each property runs over
+the registered gradient balancers that claim it (`registry.names`), so a new method is tested
+by being added to the registry. The rows are one (K, N) leaf; `update_fn` compiles each
+(method, K) once and hypothesis draws only values. Every update is a first step from a fresh
+state, with the registry's fixed key, so random methods draw the same numbers on both sides of
+a comparison.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtl_optax import registry, solvers
+
+N = 8  # parameters per row
+K = 3  # tasks in the default run; the other sizes are slow
+SIZES = [1, K] + [pytest.param(k, marks=pytest.mark.slow) for k in (2, 5)]
+MULTI = [K] + [pytest.param(k, marks=pytest.mark.slow) for k in (2, 5)]
+GRADIENT = registry.names("gradient")
+# The rows' structures: independent, rank 1 or 2, two equal rows, some or all rows zero.
+KINDS = ("plain", "rank", "duplicate", "zero_some", "zero_all")
+EXAMPLES = settings(max_examples=6, deadline=None)
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+def having(prop: str) -> list[str]:
+  return registry.names("gradient", having=(prop,))
+
+
+@functools.lru_cache(maxsize=None)
+def update_fn(name: str, k: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`(G (K, N), losses (K,)) -> d (N,)`: the jitted first update of `name` from a fresh state.
+
+  One function serves float32 and float64 (`jax.enable_x64`): jit keeps one trace per dtype.
+  """
+  tx = registry.build(name, k)
+
+  def update(g, losses):
+    return tx.update(g, tx.init(g[0]), losses=losses)[0]
+  return jax.jit(update)
+
+
+def aggregate(name: str, g: np.ndarray, losses: np.ndarray,
+              dtype: jnp.dtype = jnp.float32) -> np.ndarray:
+  d = update_fn(name, len(g))(jnp.asarray(g, dtype), jnp.asarray(losses, dtype))
+  assert d.shape == (N,) and d.dtype == dtype
+  return np.asarray(d, np.float64)
+
+
+def jacobian(seed: int, k: int, kind: str = "plain", log_scales: tuple[float, float] = (-1, 1)
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of structure `kind`, row norms 10^U(log_scales), and positive losses."""
+  rng = np.random.default_rng(seed)
+  rank = max(min(k - 1, 2), 1) if kind == "rank" else N
+  g = rng.normal(size=(k, rank)) @ rng.normal(size=(rank, N))
+  g *= 10.0 ** rng.uniform(*log_scales, size=(k, 1)) / np.linalg.norm(g, axis=1, keepdims=True)
+  if kind == "duplicate":
+    g[-1] = g[0]
+  if kind == "zero_some":
+    g[rng.permutation(k)[:max(k // 2, 1)]] = 0.0
+  if kind == "zero_all":
+    g[:] = 0.0
+  return g, 10.0 ** rng.uniform(-2, 1, size=k)
+
+
+def distance(a: np.ndarray, b: np.ndarray, g: np.ndarray) -> float:
+  """||a - b|| relative to ||b|| + 1e-4 ||G||_F (the floor admits rounding when d ~ 0)."""
+  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-4 * np.linalg.norm(g) + 1e-300))
+
+
+# -- finite output --
+
+@pytest.mark.parametrize("k", SIZES)
+@pytest.mark.parametrize("name", GRADIENT)
+@EXAMPLES
+@given(seed=seeds, log_range=st.tuples(st.integers(-12, 12), st.integers(-12, 12)))
+def test_finite_for_row_scales_from_1e_minus_12_to_1e12(name, k, seed, log_range):
+  g, losses = jacobian(seed, k, log_scales=(min(log_range), max(log_range)))
+  assert np.all(np.isfinite(aggregate(name, g, losses)))
+
+
+@pytest.mark.parametrize("kind", KINDS[1:])
+@pytest.mark.parametrize("name", GRADIENT)
+@EXAMPLES
+@given(seed=seeds, log_range=st.tuples(st.integers(-12, 12), st.integers(-12, 12)))
+def test_finite_for_degenerate_rows(name, kind, seed, log_range):
+  g, losses = jacobian(seed, K, kind, log_scales=(min(log_range), max(log_range)))
+  assert np.all(np.isfinite(aggregate(name, g, losses)))
+
+
+# -- claimed properties --
+
+@pytest.mark.parametrize("k", MULTI)
+@pytest.mark.parametrize("name", having("permutation_equivariant"))
+@EXAMPLES
+@given(seed=seeds, kind=st.sampled_from(KINDS[:3]), log_scale=st.integers(-6, 6))
+def test_permutation_equivariance(name, k, seed, kind, log_scale):
+  """Relabelling the tasks (rows and losses together) leaves d unchanged."""
+  g, losses = jacobian(seed, k, kind, log_scales=(log_scale - 1, log_scale + 1))
+  perm = np.random.default_rng(seed).permutation(k)
+  d = aggregate(name, g, losses)
+  assert distance(aggregate(name, g[perm], losses[perm]), d, g) < 1e-3
+
+
+@pytest.mark.parametrize("k", MULTI)
+@pytest.mark.parametrize("name", having("homogeneous"))
+@EXAMPLES
+@given(seed=seeds, kind=st.sampled_from(KINDS[:3]), log_a=st.floats(-3, 3))
+def test_positive_homogeneity(name, k, seed, kind, log_a):
+  """d(a G) = a d(G) for a > 0."""
+  g, losses = jacobian(seed, k, kind)
+  a = 10.0**log_a
+  assert distance(aggregate(name, a * g, losses), a * aggregate(name, g, losses), a * g) < 1e-3
+
+
+@pytest.mark.parametrize("k", MULTI)
+@pytest.mark.parametrize("name", having("non_conflicting"))
+@EXAMPLES
+@given(seed=seeds, kind=st.sampled_from(KINDS[:4]), log_scale=st.integers(-6, 6))
+def test_non_conflicting(name, k, seed, kind, log_scale):
+  """g_i . d >= 0 for every task, on rows with norms up to 10^4 apart, at any overall scale.
+
+  Up to 5e-3 ||G||_F max(||d||, ||G||_F): UPGrad's ridge allows g_i . d >= -reg_eps trace(M)
+  w_i, about sqrt(reg_eps) / 2 ||G||_F^2 at most; MGDA stays at the rounding level.
+  """
+  g, losses = jacobian(seed, k, kind, log_scales=(log_scale - 2, log_scale + 2))
+  d = aggregate(name, g, losses)
+  scale = np.linalg.norm(g)
+  assert np.all(g @ d >= -5e-3 * scale * max(np.linalg.norm(d), scale))
+
+
+# -- precision --
+
+@pytest.mark.filterwarnings("error::FutureWarning")  # no float64 -> float32 scatter (GradVac)
+@pytest.mark.parametrize("name", GRADIENT)
+@EXAMPLES
+@given(seed=seeds)
+def test_float32_close_to_float64(name, seed):
+  """float32 and float64 updates agree: norms within 1e-3, directions within cosine 0.999.
+
+  The angle is the loose part: IMGrad-Nash's float32 barrier LP is nearly flat on imbalanced
+  rows, which moves its weights by a few percent (its d by about 1 degree); every other
+  method agrees to 5e-4.
+  """
+  g, losses = jacobian(seed, K)
+  d32 = aggregate(name, g, losses)
+  with jax.enable_x64(True):
+    d64 = aggregate(name, g, losses, jnp.float64)
+  n32, n64 = np.linalg.norm(d32), np.linalg.norm(d64)
+  assert abs(n32 - n64) <= 1e-3 * n64 + 1e-4 * np.linalg.norm(g)
+  if n64 > 1e-3 * np.linalg.norm(g):
+    assert d32 @ d64 >= 0.999 * n32 * n64
+
+
+# -- regressions found by these properties --
+
+def test_min_norm_weights_with_rounded_cosine_below_minus_one():
+  """Two opposite rows whose float32 cosine rounds below -1 (an indefinite cosine matrix made
+  the solver fall back to uniform weights, d = the conflicting mean): the min-norm point 0."""
+  a = 1e-3
+  m = jnp.array([[1.0, -a * (1 + 1e-6)], [-a * (1 + 1e-6), a * a]], jnp.float32)
+  np.testing.assert_allclose(jax.jit(solvers.min_norm_weights)(m),
+                             np.array([a, 1.0]) / (1 + a), rtol=1e-5)
+
+
+def test_upgrad_is_scale_free():
+  """Conflicting rows with ||G||_F < 1e-2 (torchjd's absolute norm_eps made d their mean)."""
+  g = 1e-3 * np.eye(K, N)
+  g[1, 0] = -2e-3  # the mean conflicts with row 0
+  d = aggregate("upgrad", g, np.ones(K))
+  np.testing.assert_allclose(d, 1e-3 * aggregate("upgrad", 1e3 * g, np.ones(K)), rtol=1e-4,
+                             atol=1e-10)
+  assert np.all(g @ d >= 0.0)
