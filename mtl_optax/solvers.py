@@ -281,7 +281,8 @@ def nash_weights(
   (|C| b)_i the rounding level of that residual (F - F* <= lambda^2 then; nearly opposite rows
   make the floor ~1e-2 in float32), or after `max_iter` steps. Tasks with a zero row cannot
   satisfy the condition and are left out. Returns `(alpha, ok)`: `ok[i]` is true where task i
-  has a nonzero row, every iterate stayed finite and positive, and the iterate was accepted or
+  has a nonzero row, every iterate stayed finite and positive, ||d||^2 = b^T C b (K at the
+  fixed point) is above its rounding level, and the iterate was accepted or
   (in the quadratic region, lambda < 1/2, so F is bounded below) has lower F than `prev`.
   Where `ok` is false, alpha is 1.
   """
@@ -325,7 +326,10 @@ def nash_weights(
     b0 = jnp.where(usable & (objective(p) < objective(b0)), p, b0)
   cond = lambda carry: ~carry[2] & (carry[1] < max_iter)
   b, _, _ = jax.lax.while_loop(cond, body, (b0, jnp.array(0), jnp.array(False)))
-  valid = jnp.all(jnp.isfinite(b)) & jnp.all(b > 0)
+  # Below its rounding level K eps b^T |C| b, Nash's set is empty but for rounding (no direction
+  # improves every task) and d would be rounding noise.
+  resolved = b @ c @ b > k * eps * (b @ jnp.abs(c) @ b)
+  valid = jnp.all(jnp.isfinite(b)) & jnp.all(b > 0) & resolved
   decrement = newton_step(b)[1]
   converged = valid & accepted(b, decrement)
   if prev is not None:  # bounded (decrement < 1/2: F - F* <= decrement^2) and better than prev

@@ -30,6 +30,10 @@ GRADIENT = registry.names("gradient")
 # The rows' structures: independent, rank 1 or 2, two equal rows, some or all rows zero.
 KINDS = ("plain", "rank", "duplicate", "zero_some", "zero_all")
 EXAMPLES = settings(max_examples=6, deadline=None)
+# Equalities are checked in both precisions: float64 to 1e-5 (the solvers' stopping tolerances:
+# IMGrad-Nash's CCP reaches ~5e-7) and float32 to 5e-2 (rows that nearly cancel amplify its
+# rounding: ~1e-2 for Nash-MTL and IMGrad-Nash in one rank-deficient draw in 1000).
+PRECISIONS = ((jnp.float32, 5e-2), (jnp.float64, 1e-5))
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -42,7 +46,7 @@ def having(prop: str) -> list[str]:
 def update_fn(name: str, k: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """`(G (K, N), losses (K,)) -> d (N,)`: the jitted first update of `name` from a fresh state.
 
-  One function serves float32 and float64 (`jax.enable_x64`): jit keeps one trace per dtype.
+  One function serves float32 and float64: jit keeps one trace per dtype.
   """
   tx = registry.build(name, k)
 
@@ -53,9 +57,11 @@ def update_fn(name: str, k: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 def aggregate(name: str, g: np.ndarray, losses: np.ndarray,
               dtype: jnp.dtype = jnp.float32) -> np.ndarray:
+  """d for rows `g` in `dtype` (float64 under `jax.enable_x64`)."""
   if len(g) < registry.METHODS[name].min_tasks:
     pytest.skip(f"{name} needs at least {registry.METHODS[name].min_tasks} tasks")
-  d = update_fn(name, len(g))(jnp.asarray(g, dtype), jnp.asarray(losses, dtype))
+  with jax.enable_x64(dtype == jnp.float64):
+    d = update_fn(name, len(g))(jnp.asarray(g, dtype), jnp.asarray(losses, dtype))
   assert d.shape == (N,) and d.dtype == dtype
   return np.asarray(d, np.float64)
 
@@ -77,8 +83,8 @@ def jacobian(seed: int, k: int, kind: str = "plain", log_scales: tuple[float, fl
 
 
 def distance(a: np.ndarray, b: np.ndarray, g: np.ndarray) -> float:
-  """||a - b|| relative to ||b|| + 1e-4 ||G||_F (the floor admits rounding when d ~ 0)."""
-  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-4 * np.linalg.norm(g) + 1e-300))
+  """||a - b|| relative to ||b|| + 1e-3 ||G||_F (the floor admits rounding when d ~ 0)."""
+  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-3 * np.linalg.norm(g) + 1e-300))
 
 
 # -- finite output --
@@ -106,13 +112,14 @@ def test_finite_for_degenerate_rows(name, kind, seed, log_range):
 @pytest.mark.parametrize("k", MULTI)
 @pytest.mark.parametrize("name", having("permutation_equivariant"))
 @EXAMPLES
-@given(seed=seeds, kind=st.sampled_from(KINDS[:3]), log_scale=st.integers(-6, 6))
-def test_permutation_equivariance(name, k, seed, kind, log_scale):
+@given(seed=seeds, kind=st.sampled_from(KINDS[:3]))
+def test_permutation_equivariance(name, k, seed, kind):
   """Relabelling the tasks (rows and losses together) leaves d unchanged."""
-  g, losses = jacobian(seed, k, kind, log_scales=(log_scale - 1, log_scale + 1))
+  g, losses = jacobian(seed, k, kind)
   perm = np.random.default_rng(seed).permutation(k)
-  d = aggregate(name, g, losses)
-  assert distance(aggregate(name, g[perm], losses[perm]), d, g) < 1e-3
+  for dtype, tol in PRECISIONS:
+    d = aggregate(name, g, losses, dtype)
+    assert distance(aggregate(name, g[perm], losses[perm], dtype), d, g) < tol
 
 
 @pytest.mark.parametrize("k", MULTI)
@@ -123,7 +130,9 @@ def test_positive_homogeneity(name, k, seed, kind, log_a):
   """d(a G) = a d(G) for a > 0."""
   g, losses = jacobian(seed, k, kind)
   a = 10.0**log_a
-  assert distance(aggregate(name, a * g, losses), a * aggregate(name, g, losses), a * g) < 1e-3
+  for dtype, tol in PRECISIONS:
+    d = aggregate(name, g, losses, dtype)
+    assert distance(aggregate(name, a * g, losses, dtype), a * d, a * g) < tol
 
 
 @pytest.mark.parametrize("k", MULTI)
@@ -157,8 +166,7 @@ def test_float32_close_to_float64(name, seed):
   """
   g, losses = jacobian(seed, K)
   d32 = aggregate(name, g, losses)
-  with jax.enable_x64(True):
-    d64 = aggregate(name, g, losses, jnp.float64)
+  d64 = aggregate(name, g, losses, jnp.float64)
   n32, n64 = np.linalg.norm(d32), np.linalg.norm(d64)
   assert abs(n32 - n64) <= 1e-3 * n64 + 1e-4 * np.linalg.norm(g)
   if n64 > 1e-3 * np.linalg.norm(g):
@@ -184,3 +192,29 @@ def test_upgrad_is_scale_free():
   np.testing.assert_allclose(d, 1e-3 * aggregate("upgrad", 1e3 * g, np.ones(K)), rtol=1e-4,
                              atol=1e-10)
   assert np.all(g @ d >= 0.0)
+
+
+@pytest.mark.parametrize("a,b", [(0.3, 0.5), (0.7, 1.0), (1.0, 0.2), (2.0, 3.0)])
+def test_imgrad_with_the_origin_in_the_hull(a, b):
+  """g_3 = -(a g_1 + b g_2): the MGDA point g_m is 0, so cos(g0, g_m) was rounding over rounding
+  and g_w / ||g_w|| amplified the rounding of g_w ~ 0 (float32 d up to 1e4 ||G|| off)."""
+  g = np.zeros((K, N))
+  g[0, :3], g[1, :3] = [1.0, 0.5, 0.2], [-0.3, 0.8, 0.1]
+  g[2] = -(a * g[0] + b * g[1])
+  ones = np.ones(K)
+  d64 = aggregate("imgrad", g, ones, jnp.float64)
+  assert distance(aggregate("imgrad", g, ones), d64, g) < 1e-3
+
+
+def test_nash_mtl_with_rows_opposite_up_to_rounding():
+  """float32 rows opposite to rounding: Nash's set is empty but for the Gram's rounding, where
+  the solve found alpha ~ 1e4 and d ~ 1e-4 of rounding noise (its direction depending on the
+  task order); now it fails and keeps alpha = 1, as in float64: the clipped sum of the rows."""
+  g = np.array([[0.046731077, 0.2659151, 0.08057771, 0.09554298, -0.046657927, -0.07879307,
+                 -0.11307558, 0.016417677],
+                [-0.12579851, -0.7158347, -0.21691252, -0.25719854, 0.1256016, 0.21210833,
+                 0.3043957, -0.04419584]])
+  total = g.sum(0)
+  for rows in (g, g[::-1]):
+    np.testing.assert_allclose(aggregate("nash_mtl", rows, np.ones(2)),
+                               total / max(1.0, np.linalg.norm(total)), rtol=1e-5, atol=1e-7)

@@ -28,6 +28,13 @@ def combined_norm(w: jax.Array, m: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.maximum(w @ m @ w, 0.0) + 1e-8)
 
 
+def resolved_sq_norm(w: jax.Array, m: jax.Array) -> jax.Array:
+  """||g_w||^2 = w^T M w, or 0 at its rounding level K eps |w|^T |M| |w| (g_w = 0 to rounding)."""
+  sq = w @ m @ w
+  level = m.shape[0] * jnp.finfo(m.dtype).eps * (jnp.abs(w) @ jnp.abs(m) @ jnp.abs(w))
+  return jnp.where(sq > level, sq, 0.0)
+
+
 def ball_weights(
     m: jax.Array, w: jax.Array, radius: jax.Array, c: float, rescale: Rescale,
     scale_by_num_tasks: bool
@@ -35,11 +42,12 @@ def ball_weights(
   """Weights of d = g0 + radius / (||g_w|| + 1e-8) g_w, rescaled (Liu et al. 2021a, Eq. 9).
 
   rescale 'none': d; '1+c^2': d / (1 + c^2); '1+c': d / (1 + c); then times K if
-  `scale_by_num_tasks`.
+  `scale_by_num_tasks`. A g_w that is 0 to rounding (`resolved_sq_norm`) adds nothing, as
+  g_w = 0 does: its weights radius / 1e-8 w would multiply the rounding of the rows' sum.
   """
   k = m.shape[0]
-  gw_norm = jnp.sqrt(jnp.maximum(w @ m @ w, 0.0))
-  d = 1.0 / k + radius / (gw_norm + 1e-8) * w
+  gw_sq = resolved_sq_norm(w, m)
+  d = 1.0 / k + jnp.where(gw_sq > 0, radius / (jnp.sqrt(gw_sq) + 1e-8), 0.0) * w
   d = d / {"none": 1.0, "1+c^2": 1.0 + c**2, "1+c": 1.0 + c}[rescale]
   return d * k if scale_by_num_tasks else d
 

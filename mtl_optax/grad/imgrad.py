@@ -10,7 +10,8 @@ from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
 from mtl_optax.checks import check_choice
-from mtl_optax.grad.cagrad import RESCALES, Rescale, ball_weights, combined_norm, unit_gram
+from mtl_optax.grad.cagrad import (RESCALES, Rescale, ball_weights, combined_norm,
+                                    resolved_sq_norm, unit_gram)
 from mtl_optax.grad.nash_mtl import nash_aggregator
 
 FORMS = ("reference", "paper_eq11", "paper_eq9")
@@ -20,13 +21,16 @@ def imbalance_cos(m: jax.Array) -> jax.Array:
   """cos(g0, g_m) in [0, 1] from the Gram matrix: g0 the mean row, g_m the MGDA min-norm point.
 
   Zhou et al. 2025 (IMGrad, Sec. 3): the imbalance measure that weights the two objectives.
-  g0 . g_m >= ||g_m||^2 >= 0, so it is never negative; 0 when g_m = 0 (or all rows are zero).
+  g0 . g_m >= ||g_m||^2 >= 0, so it is never negative; 0 when g_m = 0 (or all rows are zero),
+  also when ||g_m||^2 is at its rounding level (`resolved_sq_norm`), where the ratio would be
+  rounding over rounding (any value: IMGrad's weights then reached 1e7); clipped to [0, 1].
   """
   m = unit_gram(m)
   w_m = solvers.min_norm_weights(m)
-  gm_norm = jnp.sqrt(jnp.maximum(w_m @ m @ w_m, 0.0))
+  gm_norm = jnp.sqrt(resolved_sq_norm(w_m, m))
   g0_norm = jnp.sqrt(jnp.maximum(jnp.mean(m), 0.0))
-  return (w_m @ jnp.mean(m, axis=1)) / jnp.maximum(g0_norm * gm_norm, 1e-8)
+  cos = (w_m @ jnp.mean(m, axis=1)) / jnp.maximum(g0_norm * gm_norm, 1e-8)
+  return jnp.where(gm_norm > 0, jnp.clip(cos, 0.0, 1.0), 0.0)
 
 
 def imgrad_weights(
