@@ -1,6 +1,6 @@
-"""Row-based part-B balancers (GradDrop, MoCo, DB-MTL) against independent NumPy loops, and
-properties every part-B balancer must have (zero rows, K = 1, masks, permutations, vmap,
-errors). Everything runs under jax.jit (see grad_b_reference.make)."""
+"""Row-based gradient balancers (GradDrop, MoCo, DB-MTL) against independent NumPy loops, and
+properties every closed-form or row-based balancer must have (zero rows, K = 1, masks,
+permutations, vmap, errors). Everything runs under jax.jit (see grad_harness.make)."""
 
 import functools
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import mtl_optax
-from grad_b_reference import (KINDS, SHAPES, assert_close, jacobian, make, params_like, run,
-                              step_keys, to_tree, to_vec)
+from grad_harness import (KINDS, SHAPES, assert_close, jacobian, make, params_like, run,
+                          step_keys, to_tree, to_vec)
 
 LOSS_RNG = np.random.default_rng(11)
 
@@ -171,7 +171,7 @@ def test_db_mtl_rejects_non_positive_losses():
                      losses=jnp.array([1.0, 0.0]))
 
 
-# -- properties of every part-B balancer --
+# -- properties of every closed-form or row-based balancer --
 
 def shared_mask(params):
   return {"w": True, "b": False, "v": True}
