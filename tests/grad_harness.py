@@ -1,5 +1,5 @@
-"""Shared helpers for the part-B gradient balancer tests: stacked trees <-> NumPy rows,
-random Jacobians of several kinds, a cached jitted runner, and Adam written out in NumPy."""
+"""Shared helpers for the closed-form and row-based gradient balancer tests: stacked trees <->
+NumPy rows, random Jacobians of several kinds, a cached jitted runner, and Adam in NumPy."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Gram-expressible gradient balancers (part B) against independent NumPy computations.
+"""Closed-form, Gram-expressible gradient balancers against independent NumPy computations.
 
 PCGrad, GradVac, IMTL-G, IMTL, Aligned-MTL, GradNorm: each reference below works on the
 flattened rows in float64 (vector operations, no Gram-matrix bookkeeping).
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grad_b_reference import (CASES, F32_EPS, P, adam_ref, assert_close, jacobian, make,
-                              params_like, run, step_keys, to_tree)
+from grad_harness import (CASES, F32_EPS, P, adam_ref, assert_close, jacobian, make, params_like,
+                          run, step_keys, to_tree)
 import mtl_optax
 from mtl_optax.grad.pcgrad import task_orders
 
