@@ -29,7 +29,8 @@ MULTI = [K] + [pytest.param(k, marks=pytest.mark.slow) for k in (2, 5)]
 GRADIENT = registry.names("gradient")
 # The rows' structures: independent, rank 1 or 2, two equal rows, some or all rows zero.
 KINDS = ("plain", "rank", "duplicate", "zero_some", "zero_all")
-EXAMPLES = settings(max_examples=6, deadline=None)
+# Derandomized: the same examples every run (the suite was also run with 150 random ones).
+EXAMPLES = settings(max_examples=6, deadline=None, derandomize=True)
 # Equalities are checked in both precisions: float64 to 1e-5 (the solvers' stopping tolerances:
 # IMGrad-Nash's CCP reaches ~5e-7) and float32 to 5e-2 (rows that nearly cancel amplify its
 # rounding: ~1e-2 for Nash-MTL and IMGrad-Nash in one rank-deficient draw in 1000).
