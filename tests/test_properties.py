@@ -31,10 +31,11 @@ GRADIENT = registry.names("gradient")
 KINDS = ("plain", "rank", "duplicate", "zero_some", "zero_all")
 # Derandomized: the same examples every run (the suite was also run with 150 random ones).
 EXAMPLES = settings(max_examples=6, deadline=None, derandomize=True)
-# Equalities are checked in both precisions: float64 to 1e-5 (the solvers' stopping tolerances:
-# IMGrad-Nash's CCP reaches ~5e-7) and float32 to 5e-2 (rows that nearly cancel amplify its
-# rounding: ~1e-2 for Nash-MTL and IMGrad-Nash in one rank-deficient draw in 1000).
-PRECISIONS = ((jnp.float32, 5e-2), (jnp.float64, 1e-5))
+# Equalities are checked in both precisions: float64 to 1e-4 (the solvers' stopping tolerances:
+# IMGrad-Nash's CCP stops at a relative change of 1e-5, ~1e-5 from its limit) and float32 to
+# 5e-2 (rows that nearly cancel amplify its rounding: ~1e-2 for Nash-MTL and IMGrad-Nash in
+# one rank-deficient draw in 1000).
+PRECISIONS = ((jnp.float32, 5e-2), (jnp.float64, 1e-4))
 
 seeds = st.integers(0, 2**32 - 1)
 
