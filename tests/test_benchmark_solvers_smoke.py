@@ -1,8 +1,11 @@
 """Smoke test of benchmarks/solvers.py: one family, K = 3, one repeat, the MGDA problem."""
 
+import pytest
+
 from benchmarks import solvers as bench
 
 
+@pytest.mark.slow  # benchmark-style; run with -m slow
 def test_solver_benchmark_runs(tmp_path):
   out = tmp_path / "solvers.md"
   report = bench.main(["--repeats", "1", "--families", "iid", "--tasks", "3", "--problems",

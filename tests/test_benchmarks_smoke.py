@@ -194,7 +194,10 @@ def test_yeast_split():
 # -- benchmark smoke runs -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=needs(n)) for n in data.LOADERS])
+# QM9 in the default run; MultiFashion and Yeast (the same runner) under -m slow.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[needs(n)] + ([] if n == "qm9" else [pytest.mark.slow]))
+    for n in data.LOADERS])
 def test_benchmark_smoke(name, tmp_path):
   out = tmp_path / f"{name}.md"
   results = run.main(["--dataset", name, "--methods", "si", "--smoke", "--seeds", "2",
@@ -214,6 +217,7 @@ def test_benchmark_smoke(name, tmp_path):
 # -- examples -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # benchmark-style; run with -m slow
 def test_toy_example_draws(tmp_path):
   paths = load_example("toy").main(["--steps", "20", "--out", str(tmp_path / "toy.png")])
   assert {"ew", "si", "igb_v1"} <= set(paths)

@@ -61,6 +61,7 @@ def test_features_of_methane():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("qm9pack") is None, reason=data.QM9_INSTALL)
+@pytest.mark.slow  # benchmark-style; run with -m slow
 def test_gnn_trains_on_qm9_graphs_with_the_plateau_schedule():
   """The seeds recipe's pieces: molecules as graphs, atomization energies, the GNN, Adam whose
   learning rate follows the validation plateau (two runs vmapped: MTL and one STL row)."""

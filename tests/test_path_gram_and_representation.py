@@ -229,7 +229,9 @@ def train(name, path, seed):
 
 
 @pytest.mark.parametrize("path", ["gram", "representation"])
-@pytest.mark.parametrize("name", list(vmap_methods()))
+@pytest.mark.parametrize("name", [  # IGBv2's fusion (its SAC agent compiles slowly): -m slow
+    pytest.param(n, marks=pytest.mark.slow) if n.startswith("igb_v2") else n
+    for n in vmap_methods()])
 def test_jit_and_vmap_over_seeds(name, path):
   if path == "gram" and name in not_gram_based(VMAP_K):
     with pytest.raises(ValueError, match=f"{name} is not Gram-based"):

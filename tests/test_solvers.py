@@ -155,6 +155,7 @@ def test_solvers_vmap_over_a_batch():
   assert np.all(ok)
 
 
+@pytest.mark.slow  # benchmark-style; run with -m slow
 def test_nonneg_qp_active_set_fallback_matches_pdas():
   """pdas_iter=0 leaves everything to Lawson & Hanson's loop: the same exact answer."""
   for k, n, kind in CASES:
