@@ -37,6 +37,7 @@ from mtl_optax.grad.mgda import mgda, mgda_weights
 from mtl_optax.grad.moco import MoCoState, moco
 from mtl_optax.grad.modo import MoDoState, modo, modo_weights
 from mtl_optax.grad.nash_mtl import NashMTLState, nash_mtl, nash_mtl_weights
+from mtl_optax.grad.pcd import PCDState, pcd, pcd_weights
 from mtl_optax.grad.pcgrad import PCGradState, pcgrad, pcgrad_weights
 from mtl_optax.grad.sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
 from mtl_optax.grad.robust import krum, krum_weights, trimmed_mean
@@ -74,6 +75,7 @@ __all__ = (
     "MoCoState",
     "MoDoState",
     "NashMTLState",
+    "PCDState",
     "PCGradState",
     "RLWState",
     "RepresentationRows",
@@ -129,6 +131,8 @@ __all__ = (
     "modo_weights",
     "nash_mtl",
     "nash_mtl_weights",
+    "pcd",
+    "pcd_weights",
     "pcgrad",
     "pcgrad_weights",
     "registry",

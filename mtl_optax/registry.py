@@ -38,6 +38,7 @@ from mtl_optax.grad.mgda import mgda, mgda_weights
 from mtl_optax.grad.moco import moco
 from mtl_optax.grad.modo import modo
 from mtl_optax.grad.nash_mtl import nash_mtl
+from mtl_optax.grad.pcd import pcd
 from mtl_optax.grad.pcgrad import pcgrad
 from mtl_optax.grad.sdmgrad import sdmgrad
 from mtl_optax.grad.robust import krum, trimmed_mean
@@ -181,6 +182,9 @@ METHODS: dict[str, Method] = {
                       "homogeneous"),
     "cr_mogm": _grad(lambda k, key, shared: cr_mogm(k, mgda_weights, shared=shared),
                      "stateful", "gram", EQUIVARIANT, "homogeneous"),
+    # PCD: row 0 is the primary task (not permutation-equivariant); homogeneous only where the
+    # squared norms dominate eps = 1e-8; g_1 . d < 0 when a secondary opposes the primary.
+    "pcd": _grad(lambda k, key, shared: pcd(k, shared=shared), "stateful", "gram"),
 }
 
 

@@ -1,5 +1,5 @@
 """torchjd's aggregators (DualProj, ConFIG, Krum, TrimmedMean, Constant,
-CR-MOGM), each against an independent NumPy / SciPy computation of its formula on the rows
+CR-MOGM, PCD), each against an independent NumPy / SciPy computation of its formula on the rows
 themselves (float64, no Gram-matrix bookkeeping), and their argument checks."""
 
 import functools
@@ -247,9 +247,216 @@ def test_cr_mogm_beta_set_by_inject_hyperparams():
                              rtol=1e-4)
 
 
+# -- PCD --
+
+def pcd_rows(k, seed, n=N):
+  """(K, n) rows with norms 10^U(-1, 1); each secondary pulls against the primary row 0 by a
+  random fraction of its norm, so some constraints bind."""
+  rng = np.random.default_rng(seed)
+  g = rng.normal(size=(k, n))
+  g /= np.linalg.norm(g, axis=1, keepdims=True)
+  g[1:] -= rng.uniform(0.0, 1.5, size=(k - 1, 1)) * g[0]
+  return g * 10.0 ** rng.uniform(-1, 1, size=(k, 1))
+
+
+def pcd_qp(gt, tau):
+  """argmin_d 1/2 ||d - gt_0||^2 s.t. gt_j . d >= tau_j ||gt_j||^2 (j >= 1), by SciPy's SLSQP
+  on the primal problem."""
+  rhs = tau * np.sum(gt[1:] ** 2, axis=1)
+  res = minimize(lambda d: 0.5 * np.sum((d - gt[0]) ** 2), gt[0], jac=lambda d: d - gt[0],
+                 constraints={"type": "ineq", "fun": lambda d: gt[1:] @ d - rhs,
+                              "jac": lambda d: gt[1:]},
+                 method="SLSQP", options={"ftol": 1e-15, "maxiter": 500})
+  assert res.success
+  return res.x
+
+
+class PCDRef:
+  """PCD in NumPy float64: the moving average of the squared norms, the normalized rows, the
+  primal QP (`pcd_qp`, or the K = 2 closed form) and the rescaling to ||g_1||."""
+
+  def __init__(self, k, tau=0.02, beta=0.999, eps=1e-8, closed_form=False):
+    self.v, self.n = np.zeros(k), 0
+    self.tau = np.broadcast_to(np.asarray(tau, np.float64), (k - 1,))
+    self.beta, self.eps, self.closed_form = beta, eps, closed_form
+
+  def step(self, g, infeasible=False):
+    """-> (d, the normalized rows g~, d~); `infeasible`: the constraints are (d~ = g~_1)."""
+    sq = np.sum(g * g, axis=1)
+    self.n += 1
+    self.v = self.beta * self.v + (1 - self.beta) * sq
+    gt = g / np.sqrt(self.v / (1 - self.beta**self.n) + self.eps)[:, None]
+    if infeasible:
+      dt = gt[0]
+    elif self.closed_form:  # K = 2: g~_1 if it satisfies the constraint, else g~_1 plus the
+      # shortfall (tau - g~_2 . g~_1 / ||g~_2||^2) times g~_2
+      dt = gt[0] + max(0.0, self.tau[0] - gt[1] @ gt[0] / (gt[1] @ gt[1])) * gt[1]
+    else:
+      dt = pcd_qp(gt, self.tau)
+    return dt * np.sqrt(sq[0]) / np.linalg.norm(dt), gt, dt
+
+
+@pytest.mark.parametrize("k,tau,beta", [(3, 0.02, 0.999), (4, [0.1, 0.3, 0.05], 0.8),
+                                        (2, 0.2, 0.9)])
+def test_pcd_matches_the_primal_qp_over_steps(k, tau, beta):
+  """Four steps against `PCDRef` (SLSQP; the closed form at K = 2): the update, the moving
+  average in the state, and the guarantee g~_j . d~ >= tau_j ||g~_j||^2 on the weights."""
+  tx = mtl_optax.pcd(k, tau=tau, beta=beta)
+  ref = PCDRef(k, tau, beta, closed_form=k == 2)
+  state, step = tx.init({"w": jnp.zeros(N)}), jax.jit(tx.update)
+  for seed in range(4):
+    g = pcd_rows(k, 70 + seed)
+    d, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+    want, gt, dt = ref.step(g)
+    close(d["w"], want, g, rtol=1e-4)
+    np.testing.assert_allclose(state.inner.sq_norms, ref.v, rtol=1e-5)
+    assert int(state.inner.count) == seed + 1
+    # d = c d~ with c = w_1 / s_1 (the primary's weight is 1 on the normalized rows).
+    w = np.asarray(state.weights, np.float64)
+    s = np.linalg.norm(gt, axis=1) / np.linalg.norm(g, axis=1)
+    d_tilde = (w @ g) * s[0] / w[0]
+    close(d_tilde, dt, gt, rtol=1e-4)
+    slack = gt[1:] @ d_tilde - ref.tau * np.sum(gt[1:] ** 2, axis=1)
+    assert np.all(slack >= -1e-4 * np.sum(gt * gt))
+    assert np.any(slack < 1e-3)  # some constraint binds
+
+
+def test_pcd_special_cases():
+  """Two opposite secondaries (infeasible): g_1; zero primary or all-zero rows: 0; a zero
+  secondary changes nothing; with norms far above sqrt(eps), d(a G) = a d(G)."""
+  g = pcd_rows(3, 80)
+  g[2] = -2.0 * g[1]
+  d, state = update(mtl_optax.pcd(3), g)
+  close(d["w"], g[0], g, rtol=1e-5)
+  np.testing.assert_allclose(state.weights, [1.0, 0.0, 0.0], atol=1e-6)
+  g = pcd_rows(4, 81)
+  g[3] = -g[2]  # opposite secondaries again, besides a feasible one
+  close(update(mtl_optax.pcd(4, tau=0.3), g)[0]["w"], g[0], g, rtol=1e-5)
+  g, tx = pcd_rows(3, 82), mtl_optax.pcd(3)
+  g[0] = 0.0
+  d, state = update(tx, g)
+  assert not np.any(d["w"]) and not np.any(state.weights)
+  assert not np.any(update(tx, np.zeros((3, N)))[0]["w"])
+  g = pcd_rows(3, 83)
+  g[2] = 0.0
+  close(update(tx, g)[0]["w"], PCDRef(2, closed_form=True).step(g[:2])[0], g, rtol=1e-4)
+  g = pcd_rows(3, 84)
+  for a in (1e-2, 1e2):
+    close(update(tx, a * g)[0]["w"], a * np.asarray(update(tx, g)[0]["w"], np.float64), a * g)
+  for scale in (1e-12, 1e12):  # finite at extreme scales
+    assert np.all(np.isfinite(update(tx, scale * pcd_rows(3, 85))[0]["w"]))
+
+
+def test_pcd_rank_deficient_long_rows():
+  """Rows of length 4000, whose float32 Gram matrix is rounded beyond K eps: two equal
+  secondaries and one in the span of two other rows, over three steps of changing row norms,
+  then two opposite secondaries (infeasible) once the moving average lags the norms. The
+  reference solves the QP in the rows' span (an orthonormal basis Q: the same Gram matrix)."""
+  k, length = 5, 4000
+  tx, ref = mtl_optax.pcd(k, beta=0.9), PCDRef(k, beta=0.9)
+  state, step = tx.init({"w": jnp.zeros(length)}), jax.jit(tx.update)
+  for seed in range(4):
+    g = pcd_rows(k, 100 + seed, length)
+    g[3] = g[1]
+    g[4] = 0.6 * g[0] - 0.8 * g[2]
+    if seed == 3:
+      g[4] = -2.0 * g[1]
+    q = np.linalg.qr(g.T)[0]
+    d, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+    close(d["w"], q @ ref.step(g @ q, infeasible=seed == 3)[0], g, rtol=1e-3)
+
+
+def test_pcd_secondaries_of_rank_two_in_both_precisions():
+  """Six secondaries in a plane, rows of length 2000: their cosine matrix has rank 2 and
+  eigenvalues rounded below 0 by more than K eps (with that fixed ridge, the float64 dual
+  was indefinite for these two draws, which then returned g_1)."""
+  tx = mtl_optax.pcd(7)
+  for seed in (34, 62):
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(7, 2000))
+    g[2:] = rng.normal(size=(5, 2)) @ g[:2]
+    g *= 10.0 ** rng.uniform(-2, 2, size=(7, 1))
+    q = np.linalg.qr(g.T)[0][:, :2]
+    want = q @ PCDRef(7).step(g @ q)[0]
+    for dtype, rtol in ((jnp.float32, 1e-3), (jnp.float64, 1e-9)):
+      with jax.enable_x64(dtype == jnp.float64):
+        jac, params = {"w": jnp.asarray(g, dtype)}, {"w": jnp.zeros(2000, dtype)}
+        d, _ = jitted(tx)(jac, tx.init(params))
+      close(d["w"], want, g, rtol=rtol)
+
+
+def test_pcd_non_finite_step_leaves_the_state():
+  """A NaN row gives NaN weights and keeps the moving average and count; the next step is
+  the one without the bad step."""
+  tx = mtl_optax.pcd(3, beta=0.5)
+  state, step = tx.init({"w": jnp.zeros(N)}), jax.jit(tx.update)
+  ref = PCDRef(3, beta=0.5)
+  g = pcd_rows(3, 90)
+  _, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+  ref.step(g)
+  bad = pcd_rows(3, 91)
+  bad[1, 0] = np.nan
+  d, bad_state = step({"w": jnp.asarray(bad, jnp.float32)}, state)
+  assert not np.any(np.isfinite(d["w"]))
+  np.testing.assert_array_equal(bad_state.inner.sq_norms, state.inner.sq_norms)
+  assert int(bad_state.inner.count) == 1
+  g = pcd_rows(3, 92)
+  d, _ = step({"w": jnp.asarray(g, jnp.float32)}, bad_state)
+  close(d["w"], ref.step(g)[0], g)
+  guarded = mtl_optax.apply_if_finite(tx, 3)  # skips the step: zero update, state as it was
+  d, guarded_state = jax.jit(guarded.update)({"w": jnp.asarray(bad, jnp.float32)},
+                                             guarded.init({"w": jnp.zeros(N)}))
+  assert not np.any(d["w"]) and not np.any(np.isnan(guarded_state.inner_state.weights))
+
+
+def test_pcd_tau_and_beta_set_by_inject_hyperparams():
+  tx = optax.inject_hyperparams(mtl_optax.pcd, static_args=("num_tasks",))(2, tau=0.2, beta=0.9)
+  state, step = tx.init({"w": jnp.zeros(N)}), jax.jit(tx.update)
+  ref = PCDRef(2, 0.2, 0.9, closed_form=True)
+  g = pcd_rows(2, 93)
+  d, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+  close(d["w"], ref.step(g)[0], g)
+  state.hyperparams["tau"], ref.tau = jnp.asarray(0.5), np.array([0.5])
+  g = pcd_rows(2, 94)
+  d, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
+  close(d["w"], ref.step(g)[0], g)
+
+
+def test_pcd_on_the_gram_only_and_representation_paths():
+  """Three steps with the state carried: the Gram-only path equals the stacked path, and the
+  representation path's z-update is PCD (`PCDRef`) on the flattened z-rows."""
+  rng = np.random.default_rng(95)
+  k, b, h = 3, 8, 5
+  params = {"trunk": jnp.asarray(rng.normal(size=(4, h)), jnp.float32),
+            "heads": jnp.asarray(rng.normal(size=(k, h)), jnp.float32)}
+  encode = lambda p, x: jnp.tanh(x @ p["trunk"])
+  heads = lambda p, z, x: jnp.mean((z @ p["heads"].T - x[:, :k]) ** 2, axis=0)
+  losses = lambda p, x: heads(p, encode(p, x), x)
+  mask = {"trunk": True, "heads": False}
+  tx = mtl_optax.pcd(k, beta=0.7, shared=mask)
+  gram_only = jax.jit(mtl_optax.value_and_reweighted_grad(losses, tx))
+  stacked = jax.jit(lambda p, s, x: tx.update(mtl_optax.value_and_jacrev(losses)(p, x)[1], s, p))
+  rep = mtl_optax.value_and_representation_jacrev(encode, heads, shared=mask)
+  tx_rep = mtl_optax.pcd(k, beta=0.7)  # the representation path: shared=None (z shared)
+  rep_step = jax.jit(lambda rows, s: tx_rep.update(rows, s))
+  s_gram = s_stacked = tx.init(params)
+  s_rep = tx_rep.init(mtl_optax.row_like(rep(params, jnp.zeros((b, 4)))[1]))
+  ref = PCDRef(k, beta=0.7)
+  for _ in range(3):
+    x = jnp.asarray(rng.normal(size=(b, 4)), jnp.float32)
+    (_, got), s_gram = gram_only(params, s_gram, x)
+    want, s_stacked = stacked(params, s_stacked, x)
+    for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, c, rtol=2e-3, atol=2e-4 * float(jnp.abs(c).max()))
+    _, rows, _ = rep(params, x)
+    out, s_rep = rep_step(rows, s_rep)
+    flat = np.asarray(rows.z, np.float64).reshape(k, -1)
+    close(np.ravel(out.z), ref.step(flat)[0], flat, rtol=1e-3)
+
+
 # -- registry --
 
-NEW = ("dualproj", "config", "krum", "trimmed_mean", "constant", "cr_mogm")
+NEW = ("dualproj", "config", "krum", "trimmed_mean", "constant", "cr_mogm", "pcd")
 
 
 def test_registry_lists_them_and_krum_needs_three_tasks():
@@ -298,6 +505,14 @@ def test_gram_based_ones_give_the_stacked_update_on_the_gram_only_path(name):
     (lambda: mtl_optax.constant([1.0, np.inf]), "weights"),
     (lambda: mtl_optax.cr_mogm(2, mtl_optax.mgda_weights, beta=1.5), "beta"),
     (lambda: mtl_optax.cr_mogm(2, "mgda"), "weighting"),
+    (lambda: mtl_optax.pcd(3, tau=1.5), "tau"),
+    (lambda: mtl_optax.pcd(3, tau=[0.1, -0.1]), "tau"),
+    (lambda: mtl_optax.pcd(3, tau=[0.1, 0.2, 0.3]), "K - 1 = 2"),
+    (lambda: mtl_optax.pcd(3, tau=[[0.1, 0.2]]), "tau"),
+    (lambda: mtl_optax.pcd(3, beta=1.0), "beta"),
+    (lambda: mtl_optax.pcd(3, beta=-0.1), "beta"),
+    (lambda: mtl_optax.pcd(3, eps=-1e-8), "eps"),
+    (lambda: mtl_optax.pcd(0), "num_tasks"),
 ])
 def test_bad_arguments_raise_at_construction(make, match):
   with pytest.raises(ValueError, match=match):
@@ -310,6 +525,7 @@ def test_bad_arguments_raise_at_construction(make, match):
     (lambda: mtl_optax.trimmed_mean(4, 1), "disagree"),
     (lambda: mtl_optax.constant([1.0, 2.0]), "disagree"),
     (lambda: mtl_optax.cr_mogm(3, lambda gram: jnp.ones(2)), "shape"),
+    (lambda: mtl_optax.pcd(2), "disagree"),
 ])
 def test_bad_input_raises_at_trace_time(make, match):
   tx = make()
