@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import mtl_optax
+from covering import covering
 
 D, H, B = 4, 6, 16
 MASK = {"trunk": True, "heads": False}
@@ -105,8 +106,7 @@ def both_paths(name, k):
   return jax.jit(run)
 
 
-@pytest.mark.parametrize("k", [2, 5, 11])
-@pytest.mark.parametrize("name", list(gram_based(2, None)))
+@pytest.mark.parametrize("name,k", covering(list(gram_based(2, None)), [2, 5, 11]))
 def test_gram_only_path_equals_stacked_path(name, k):
   for stacked, gram, w_stacked, w_gram in both_paths(name, k)(*model(k, seed=k)):
     for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(gram)):
@@ -152,9 +152,8 @@ def np_encoder_vjp(params, x, z, dz):
 REP = mtl_optax.value_and_representation_jacrev(encode, heads, shared=MASK)
 
 
-@pytest.mark.parametrize("k", [2, 5])
-@pytest.mark.parametrize("name", [n for n in gram_based(2, None) if n != "sum_tasks"]
-                         + list(not_gram_based(2)))
+@pytest.mark.parametrize("name,k", covering(
+    [n for n in gram_based(2, None) if n != "sum_tasks"] + list(not_gram_based(2)), [2, 5]))
 def test_representation_path_matches_numpy(name, k):
   params, x, y = model(k, seed=10 + k)
   losses, rows, pullback = REP(params, x, y)
@@ -228,10 +227,10 @@ def train(name, path, seed):
   return jax.lax.scan(body, (params, state), None, length=VMAP_STEPS)[0][0]
 
 
-@pytest.mark.parametrize("path", ["gram", "representation"])
-@pytest.mark.parametrize("name", [  # IGBv2's fusion (its SAC agent compiles slowly): -m slow
-    pytest.param(n, marks=pytest.mark.slow) if n.startswith("igb_v2") else n
-    for n in vmap_methods()])
+@pytest.mark.parametrize("name,path", covering(  # IGBv2's fusion (a SAC agent): -m slow
+    [n for n in vmap_methods() if not n.startswith("igb_v2")], ["representation", "gram"])
+    + [pytest.param(n, p, marks=pytest.mark.slow) for n in vmap_methods()
+       if n.startswith("igb_v2") for p in ("gram", "representation")])
 def test_jit_and_vmap_over_seeds(name, path):
   if path == "gram" and name in not_gram_based(VMAP_K):
     with pytest.raises(ValueError, match=f"{name} is not Gram-based"):
