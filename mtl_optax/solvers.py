@@ -28,6 +28,19 @@ def _eps(x: jax.Array) -> float:
   return float(jnp.finfo(x.dtype).eps)
 
 
+def cosines(m: jax.Array, scale: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """`(norms, zero, inv, C)` of a Gram matrix M: the row norms ||g_i||, the rows counted as zero
+  (norm <= eps * `scale`; default: the largest norm, floored), 1 / ||g_i|| (0 for those) and
+  the cosines C = N^-1 M N^-1, clipped to [-1, 1] (rounding can push those of nearly
+  (anti)parallel rows past +-1)."""
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
+  scale = jnp.maximum(jnp.max(norms), _TINY) if scale is None else scale
+  zero = norms <= _eps(m) * scale
+  inv = jnp.where(zero, 0.0, 1.0 / jnp.where(zero, 1.0, norms))
+  return norms, zero, inv, jnp.clip(inv[:, None] * m * inv[None, :], -1.0, 1.0)
+
+
 def _solve_on(a: jax.Array, rhs: jax.Array, passive: jax.Array) -> jax.Array:
   """z with A_PP z_P = rhs_P on the passive set P and z = 0 elsewhere (A_PP positive definite)."""
   both = passive[:, None] & passive[None, :]
@@ -120,13 +133,10 @@ def min_norm_weights(
   """
   k = m.shape[0]
   ridge = k * _eps(m) if ridge is None else ridge
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
-  zero = norms <= _eps(m) * jnp.maximum(jnp.max(norms), _TINY)
-  inv = jnp.where(zero, 0.0, 1.0 / jnp.where(zero, 1.0, norms))
-  cosines = jnp.clip(inv[:, None] * m * inv[None, :], -1.0, 1.0)
-  cosines = jnp.where(jnp.eye(k, dtype=bool), 1.0 + ridge, cosines)
+  norms, zero, inv, c = cosines(m)
+  c = jnp.where(jnp.eye(k, dtype=bool), 1.0 + ridge, c)
   q = jnp.min(jnp.where(zero, jnp.inf, norms)) * inv
-  z = inv * nonneg_qp(cosines, -q, max_iter=max_iter, tol=tol)
+  z = inv * nonneg_qp(c, -q, max_iter=max_iter, tol=tol)
   total = jnp.sum(z)
   ok = jnp.isfinite(total) & (total > 0)
   w = jnp.where(ok, z / jnp.where(ok, total, 1.0), 1.0 / k)

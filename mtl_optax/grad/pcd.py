@@ -50,8 +50,8 @@ def _constrained_weights(gt: jax.Array, tau: jax.Array) -> jax.Array:
   d = sum_i w~_i g~_i, from the normalized Gram matrix `gt`; (1, 0, ..., 0) if infeasible.
 
   The dual, min_{mu >= 0} 1/2 mu^T G~s mu - b^T mu (b = tau diag G~s - G~[1:, 0]), is solved in
-  nu_j = ||g~_j|| mu_j, where G~s becomes the secondaries' cosines C (clipped to [-1, 1], as
-  `solvers.min_norm_weights`) and b becomes q_j = b_j / ||g~_j||, by `solvers.nonneg_qp` at its
+  nu_j = ||g~_j|| mu_j, where G~s becomes the secondaries' cosines C (`solvers.cosines`, clipped
+  to [-1, 1], as for MGDA) and b becomes q_j = b_j / ||g~_j||, by `solvers.nonneg_qp` at its
   rounding-level tolerance, with a ridge r for rank-deficient C: (K - 1) eps, or twice C's most
   negative eigenvalue where rounding made it more negative than that (the Gram matrix's rounding
   grows with the rows' length: two such float64 draws at length 2000 in the tests). Secondaries
@@ -72,12 +72,9 @@ def _constrained_weights(gt: jax.Array, tau: jax.Array) -> jax.Array:
   """
   k = gt.shape[0]
   eps = float(jnp.finfo(gt.dtype).eps)
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(gt), 0.0))
-  n = norms[1:]
-  active = n > eps * jnp.max(norms)
-  inv = jnp.where(active, 1.0 / jnp.where(active, n, 1.0), 0.0)
-  cosines = jnp.clip(inv[:, None] * gt[1:, 1:] * inv[None, :], -1.0, 1.0)
-  q = jnp.where(active, tau * n - gt[1:, 0] * inv, 0.0)  # b_j / ||g~_j||
+  largest = jnp.sqrt(jnp.max(jnp.maximum(jnp.diag(gt), 0.0)))
+  n, void, inv, cosines = solvers.cosines(gt[1:, 1:], scale=largest)
+  q = jnp.where(void, 0.0, tau * n - gt[1:, 0] * inv)  # b_j / ||g~_j||
   eye = jnp.eye(k - 1, dtype=bool)
   solve = lambda ridge: solvers.nonneg_qp(jnp.where(eye, 1.0 + ridge, cosines), -q, tol=0.0)
   ridge = jnp.maximum((k - 1) * eps, -2.0 * jnp.linalg.eigvalsh(cosines)[0])
