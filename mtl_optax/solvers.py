@@ -3,7 +3,10 @@
 Every solver takes a K x K Gram matrix (and what else its problem needs), runs a `jax.lax` loop
 with a fixed iteration cap and a tolerance relative to the problem's scale (or to what the
 floating-point type can reach), and returns a finite answer even when it does not converge. No
-host callbacks, so all of them work under `jax.jit` and `jax.vmap`.
+host callbacks, so all of them work under `jax.jit` and `jax.vmap`. Loop conditions only read
+flags and counters carried from the body, never compute: under `vmap` a batched condition is
+evaluated twice (for the loop, and again to pick the members that advance), and float arithmetic
+there can round differently in the two copies, freezing a member while the loop runs forever.
 """
 
 from __future__ import annotations
@@ -403,15 +406,12 @@ def fair_weights(
     t_max = jnp.min(jnp.where(blocked, -0.99 * b / jnp.where(blocked, step, -1.0), 1.0))
     f0, slope = objective(b), grad @ step
 
-    def shorter(carry):
-      t, _ = carry
-      return t * 0.5, objective(b + 0.5 * t * step)
+    def tried(t):  # (t, f, whether to halve t again)
+      f = objective(b + t * step)
+      return t, f, ~(f <= f0 + 1e-4 * t * slope) & (t > 1e-10)
 
-    def too_long(carry):
-      t, f = carry
-      return ~(f <= f0 + 1e-4 * t * slope) & (t > 1e-10)
-
-    t, f = jax.lax.while_loop(too_long, shorter, (t_max, objective(b + t_max * step)))
+    t, f, _ = jax.lax.while_loop(lambda carry: carry[2], lambda carry: tried(0.5 * carry[0]),
+                                 tried(t_max))
     b_new = b + t * step
     good = jnp.all(jnp.isfinite(b_new)) & jnp.all(b_new > 0) & (f <= f0) & (slope < 0)
     r, level = residual(b)
@@ -472,13 +472,18 @@ def _barrier_lp(
         ratio = jnp.where(inside, new / s, 1.0)
         return jnp.where(inside, t * step * (c @ dx) - jnp.sum(jnp.log(ratio)), jnp.inf)
 
-      too_long = lambda cr: (increase(cr[0]) > 0.25 * cr[0] * slope) & (cr[1] < 30)
-      step, _ = jax.lax.while_loop(too_long, lambda cr: (0.5 * cr[0], cr[1] + 1), (1.0, 0))
+      def tried(step, n):  # (step, n, whether to halve the step again)
+        return step, n, (increase(step) > 0.25 * step * slope) & (n < 30)
+
+      step, *_ = jax.lax.while_loop(lambda cr: cr[2], lambda cr: tried(0.5 * cr[0], cr[1] + 1),
+                                    tried(1.0, 0))
       good = (increase(step) < 0) & (slope < 0) & jnp.all(jnp.isfinite(dx))
       # Centred: lambda^2 = -slope below 1e-3 (inner stages) or the rounding level of the barrier.
       level = k * eps * (t * jnp.abs(c) @ x + jnp.sum(jnp.abs(jnp.log(s))) + 1.0)
-      done = ~good | (-slope < jnp.where(final, level, 1e-3))
-      return jnp.where(good, x + step * dx, x), it + 1, done
+      new_x = jnp.where(good, x + step * dx, x)
+      # A step that leaves x unchanged in the dtype would repeat identically: stop there.
+      done = ~good | (-slope < jnp.where(final, level, 1e-3)) | jnp.all(new_x == x)
+      return new_x, it + 1, done
 
     cond = lambda carry: ~carry[2] & (carry[1] < newton_iter)
     return jax.lax.while_loop(cond, body, (x, 0, jnp.array(False)))[0]
@@ -487,16 +492,17 @@ def _barrier_lp(
   history = jnp.zeros((keep_back + 1, k), m.dtype).at[:].set(x0)
   t_hist = jnp.zeros((keep_back + 1,), m.dtype).at[:].set(t0)
 
+  more = lambda t, n: (t <= t_final * (1.0 + eps)) & (n < max_stages)
+
   def stage(carry):
-    x, t, history, t_hist, n = carry
+    x, t, history, t_hist, n, _ = carry
     x = centre(x, t, t * mu > t_final)
     history = jnp.roll(history, 1, axis=0).at[0].set(x)
     t_hist = jnp.roll(t_hist, 1).at[0].set(t)
-    return x, t * mu, history, t_hist, n + 1
+    return x, t * mu, history, t_hist, n + 1, more(t * mu, n + 1)
 
-  go = lambda carry: (carry[1] <= t_final * (1.0 + eps)) & (carry[4] < max_stages)
-  x, _, history, t_hist, n = jax.lax.while_loop(
-      go, stage, (x0, t0, history, t_hist, jnp.array(0)))
+  x, _, history, t_hist, n, _ = jax.lax.while_loop(
+      lambda carry: carry[5], stage, (x0, t0, history, t_hist, jnp.array(0), more(t0, 0)))
   back = jnp.minimum(keep_back, jnp.maximum(n - 1, 0))
   return x, history[back], t_hist[back]
 
@@ -507,7 +513,7 @@ def nash_lp(
     x0: jax.Array,
     *,
     gap_tol: float = 1e-7,
-    mu: float = 10.0,
+    mu: float = 30.0,
     newton_iter: int = 30,
 ) -> jax.Array:
   """argmin c^T x over the convex set {x > 0 : log x_i + log (M x)_i >= 0 for all i}.
@@ -543,7 +549,7 @@ def imbalance_nash_weights(
     tol: float = 1e-5,
     feas_tol: float = 1e-3,
     gap_tol: float = 1e-7,
-    mu: float = 10.0,
+    mu: float = 30.0,
     warm_stages: int = 2,
     warm_change: float = 1e-2,
 ) -> tuple[jax.Array, jax.Array]:
@@ -554,11 +560,11 @@ def imbalance_nash_weights(
   linearized at the previous iterate p: phi_tag = 1 / p + M (1 / (M p))), constraints
   phi_i(a) >= 0, i.e. a_i (M a)_i >= 1. Each step is the barrier LP of `nash_lp` with
   c = (1 - cos) M 1 + cos phi_tag: the first from the strictly feasible 2 * (Nash fixed point)
-  through all its stages, the later ones warm-started from the previous step's centre
-  `warm_stages` stages before its last (the set is the same, c changes little), so they run
-  only those last stages. Scale-free: solved on M / ||M||_F (the reference's normalization) with
-  the constraint on that scale, and mapped back by 1 / sqrt(||M||_F), so a_i (M a)_i >= 1 holds
-  on M itself.
+  through all its stages, the later ones, while c moves by at most `warm_change` (relative L1),
+  warm-started from the previous step's centre `warm_stages` stages before its last (the set is
+  the same, c changes little), so they run only those last stages.
+  Scale-free: solved on M / ||M||_F (the reference's normalization) with the constraint on
+  that scale, and mapped back by 1 / sqrt(||M||_F), so a_i (M a)_i >= 1 holds on M itself.
 
   The CCP starts at `alpha0` (the previous weights) where a > 0 and M a > 0, else at the Nash
   fixed point, and stops when an iterate moves by less than max(tol, 100 eps) (relative max
@@ -592,17 +598,16 @@ def imbalance_nash_weights(
     c = ((1.0 - cos) * jnp.sum(mn, axis=0) + cos * (1.0 / p + mn @ (1.0 / (mn @ p)))) * d
     t_cold = 1.0 / jnp.maximum(jnp.abs(c @ y_feas), _TINY)
     t_final = t_cold * mu ** (stages - 1)
-    cold = jnp.sum(jnp.abs(c - c_old)) > warm_change * jnp.sum(jnp.abs(c))
-    y_start = jnp.where(cold, y_feas, y_w)
-    t_start = jnp.where(cold, t_cold, jnp.minimum(t_w, t_final))
+    warm = jnp.sum(jnp.abs(c - c_old)) <= warm_change * jnp.sum(jnp.abs(c))
+    y_start = jnp.where(warm, y_w, y_feas)
+    t_start = jnp.where(warm, jnp.minimum(t_w, t_final), t_cold)
     y, y_w_new, t_w_new = _barrier_lp(mu_n, c, y_start, t_start, t_final, mu=mu, newton_iter=30,
                                       max_stages=stages, keep_back=warm_stages)
     x = d * y
     good = jnp.all(jnp.isfinite(x))
     x = jnp.where(good, x, p)
     done = ~good | (jnp.max(jnp.abs(x - p)) <= stop_tol * jnp.max(jnp.abs(x)))
-    c_old = jnp.where(good, c, jnp.inf)
-    return x, c_old, jnp.where(good, y_w_new, y_w), jnp.where(good, t_w_new, t_w), it + 1, done
+    return x, c, y_w_new, t_w_new, it + 1, done
 
   cond = lambda carry: ~carry[5] & (carry[4] < max_iter)
   init = (p0, jnp.full((k,), jnp.inf, m.dtype), y_feas, jnp.ones((), m.dtype), jnp.array(0),

@@ -11,6 +11,7 @@ from scipy import optimize
 import mtl_optax
 from mtl_optax import solvers
 from mtl_optax.grad.imgrad import imbalance_cos
+from mtl_optax.toy import toy_losses
 
 N = 12  # parameters per task row, split over two leaves
 # Imbalanced rows (norms over 3 decades) where the cos = 0 answer is not Nash's fixed point
@@ -257,3 +258,18 @@ def test_bad_input():
     mtl_optax.imgrad_nash(3, update_weights_every=0)
   with pytest.raises(ValueError, match="optim_niter"):
     mtl_optax.imgrad_nash(3, optim_niter=0)
+
+
+def test_vmap_over_the_toy_starts_ends_and_matches_one_at_a_time():
+  # Regression: loop conditions that computed in floats could round differently in the two
+  # evaluations vmap makes of a batched condition, freezing a member of the batch while the
+  # loop ran forever (the first start of the IMGrad toy figure, with mu = 30).
+  w = jnp.array([0.9, 0.1])
+  starts = jnp.array([(-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0)])
+  jac = jax.vmap(jax.jacrev(lambda x: w * toy_losses(x)))(starts)
+  grams = jnp.einsum("bki,bli->bkl", jac, jac)
+  solve = lambda m: solvers.imbalance_nash_weights(m, imbalance_cos(m), jnp.ones(2))
+  batched, ok = jax.jit(jax.vmap(solve))(grams)
+  assert np.all(np.asarray(ok))
+  for b in range(3):
+    np.testing.assert_allclose(batched[b], jax.jit(solve)(grams[b])[0], rtol=1e-5)
