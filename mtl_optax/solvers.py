@@ -4,9 +4,10 @@ Every solver takes a K x K Gram matrix (and what else its problem needs), runs a
 with a fixed iteration cap and a tolerance relative to the problem's scale (or to what the
 floating-point type can reach), and returns a finite answer even when it does not converge. No
 host callbacks, so all of them work under `jax.jit` and `jax.vmap`. Loop conditions only read
-flags and counters carried from the body, never compute: under `vmap` a batched condition is
-evaluated twice (for the loop, and again to pick the members that advance), and float arithmetic
-there can round differently in the two copies, freezing a member while the loop runs forever.
+flags and counters carried from the body (`_while_loop` carries a computed one): under `vmap` a
+batched condition is evaluated twice (for the loop, and again to pick the members that advance),
+and float arithmetic there can round differently in the two copies, freezing a member while the
+loop runs forever.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ _TINY = 1e-30
 def _scale(m: jax.Array) -> jax.Array:
   """The largest diagonal entry of a Gram matrix, floored so that dividing by it is safe."""
   return jnp.maximum(jnp.max(jnp.diag(m)), _TINY)
+
+
+def _while_loop(cond_fun: Callable, body_fun: Callable, init):
+  """`jax.lax.while_loop` for a condition that computes in floats: the condition is evaluated
+  once per step inside the body and carried as a flag, so the loop reads a stored value (see the
+  module docstring: under `vmap` a computed condition is evaluated twice and can disagree)."""
+  step = lambda carry: (carry, cond_fun(carry))
+  return jax.lax.while_loop(lambda c: c[1], lambda c: step(body_fun(c[0])), step(init))[0]
 
 
 def _eps(x: jax.Array) -> float:
@@ -406,12 +415,15 @@ def fair_weights(
     t_max = jnp.min(jnp.where(blocked, -0.99 * b / jnp.where(blocked, step, -1.0), 1.0))
     f0, slope = objective(b), grad @ step
 
-    def tried(t):  # (t, f, whether to halve t again)
-      f = objective(b + t * step)
-      return t, f, ~(f <= f0 + 1e-4 * t * slope) & (t > 1e-10)
+    def shorter(carry):
+      t, _ = carry
+      return t * 0.5, objective(b + 0.5 * t * step)
 
-    t, f, _ = jax.lax.while_loop(lambda carry: carry[2], lambda carry: tried(0.5 * carry[0]),
-                                 tried(t_max))
+    def too_long(carry):
+      t, f = carry
+      return ~(f <= f0 + 1e-4 * t * slope) & (t > 1e-10)
+
+    t, f = _while_loop(too_long, shorter, (t_max, objective(b + t_max * step)))
     b_new = b + t * step
     good = jnp.all(jnp.isfinite(b_new)) & jnp.all(b_new > 0) & (f <= f0) & (slope < 0)
     r, level = residual(b)
@@ -472,11 +484,8 @@ def _barrier_lp(
         ratio = jnp.where(inside, new / s, 1.0)
         return jnp.where(inside, t * step * (c @ dx) - jnp.sum(jnp.log(ratio)), jnp.inf)
 
-      def tried(step, n):  # (step, n, whether to halve the step again)
-        return step, n, (increase(step) > 0.25 * step * slope) & (n < 30)
-
-      step, *_ = jax.lax.while_loop(lambda cr: cr[2], lambda cr: tried(0.5 * cr[0], cr[1] + 1),
-                                    tried(1.0, 0))
+      too_long = lambda cr: (increase(cr[0]) > 0.25 * cr[0] * slope) & (cr[1] < 30)
+      step, _ = _while_loop(too_long, lambda cr: (0.5 * cr[0], cr[1] + 1), (1.0, 0))
       good = (increase(step) < 0) & (slope < 0) & jnp.all(jnp.isfinite(dx))
       # Centred: lambda^2 = -slope below 1e-3 (inner stages) or the rounding level of the barrier.
       level = k * eps * (t * jnp.abs(c) @ x + jnp.sum(jnp.abs(jnp.log(s))) + 1.0)
@@ -492,17 +501,15 @@ def _barrier_lp(
   history = jnp.zeros((keep_back + 1, k), m.dtype).at[:].set(x0)
   t_hist = jnp.zeros((keep_back + 1,), m.dtype).at[:].set(t0)
 
-  more = lambda t, n: (t <= t_final * (1.0 + eps)) & (n < max_stages)
-
   def stage(carry):
-    x, t, history, t_hist, n, _ = carry
+    x, t, history, t_hist, n = carry
     x = centre(x, t, t * mu > t_final)
     history = jnp.roll(history, 1, axis=0).at[0].set(x)
     t_hist = jnp.roll(t_hist, 1).at[0].set(t)
-    return x, t * mu, history, t_hist, n + 1, more(t * mu, n + 1)
+    return x, t * mu, history, t_hist, n + 1
 
-  x, _, history, t_hist, n, _ = jax.lax.while_loop(
-      lambda carry: carry[5], stage, (x0, t0, history, t_hist, jnp.array(0), more(t0, 0)))
+  go = lambda carry: (carry[1] <= t_final * (1.0 + eps)) & (carry[4] < max_stages)
+  x, _, history, t_hist, n = _while_loop(go, stage, (x0, t0, history, t_hist, jnp.array(0)))
   back = jnp.minimum(keep_back, jnp.maximum(n - 1, 0))
   return x, history[back], t_hist[back]
 
