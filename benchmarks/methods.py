@@ -8,7 +8,10 @@ without an aggregator reduce by the plain sum and run on the single-backward pat
 `benchmarks.models.shared_mask` (trunk shared, heads task-specific), or, named `<method>_rep`,
 on the representation path (`mtl_optax.value_and_representation_jacrev`: rows are the
 gradients with respect to the trunk's output). Every balancer is built by
-`mtl_optax.registry`, the one registry of the tests and the benchmarks.
+`mtl_optax.registry`, the one registry of the tests and the benchmarks. The IGBv2 fusions train
+their agent at 1e-4 (the IGB paper's setting for them); DB-MTL and MoCo run at every point of
+DB-MTL's paper grid by name (`beta_grid`), and `<method>_tuned` at each dataset's point chosen
+on validation (`TUNED`).
 """
 
 from __future__ import annotations
@@ -69,19 +72,40 @@ IGB_V2_FUSIONS = ("mgda", "pcgrad", "nash_mtl")
 REPRESENTATION = ("mgda", "cagrad", "nash_mtl", "imgrad", "db_mtl", "igb_v1+nash_mtl")
 
 
-def _igb_v2(k: int, spe: int, key: jax.Array) -> Transform:
-  return balancers.build("igb_v2", k, steps_per_epoch=spe, key=key)
+# The IGB paper trains the agent of its fusions (IGBv2 + a gradient balancer) at 1e-4, of IGBv2
+# alone at the reference's default 3e-4.
+IGB_V2_FUSION_AGENT_LR = 1e-4
+
+
+def _igb_v2(k: int, spe: int, key: jax.Array, **kwargs) -> Transform:
+  return mtl_optax.igb_v2(k, spe, key=key, **kwargs)
 
 
 def _gradient(name: str, path: str) -> Factory:
   return lambda k, spe, key: Links(None, _aggregator(name, k, spe, key, path), path)
 
 
-def _db_mtl_decay(path: str) -> Factory:
-  # DB-MTL with beta_k = 0.9 / sqrt(k), from its paper's grid (beta_sigma in {0, 0.5}); the
-  # default (LibMTL's constant beta = 0.9) trains badly on our benchmarks (see README).
+# The beta grid of DB-MTL's paper (Lin et al. 2023, experimental setup, after MoCo's): beta in
+# {0.1, 0.5, 0.9}, constant or beta / sqrt(k), as (beta, beta_sigma). DB-MTL and MoCo run at
+# every point by name (`db_mtl_0.5_decay`, `moco_0.1`, ...), outside "all"; `db_mtl` and `moco`
+# themselves are LibMTL's defaults (0.9 constant; 0.5 / sqrt(k)).
+BETA_GRID = {f"{b}{'_decay' if s else ''}": (b, s) for s in (0.0, 0.5) for b in (0.1, 0.5, 0.9)}
+TUNABLE = {"db_mtl": mtl_optax.db_mtl, "moco": mtl_optax.moco}
+# Per method and dataset, the grid point with the best validation Delta_m (`--split val` runs of
+# the grid, benchmarks/results/<dataset>_<method>_tuning.md): `<method>_tuned` (and
+# `<method>_tuned_rep`) in `registry(dataset)`.
+TUNED = {"db_mtl": {"qm9": "0.5_decay", "multifashion": "0.5_decay", "yeast": "0.5"},
+         "moco": {"qm9": "0.9", "multifashion": "0.9", "yeast": "0.1"}}
+
+
+def _beta_point(method: str, beta: float, beta_sigma: float, path: str = "stacked") -> Factory:
   return lambda k, spe, key: Links(
-      None, mtl_optax.db_mtl(k, beta_sigma=0.5, shared=_shared(path)), path)
+      None, TUNABLE[method](k, beta, beta_sigma, shared=_shared(path)), path)
+
+
+def beta_grid() -> dict[str, Factory]:
+  """Every tunable method at every point of `BETA_GRID`, e.g. `db_mtl_0.5_decay`."""
+  return {f"{m}_{point}": _beta_point(m, *BETA_GRID[point]) for m in TUNABLE for point in BETA_GRID}
 
 
 def _igb_v1_fusion(name: str, path: str) -> Factory:
@@ -92,26 +116,33 @@ def _igb_v1_fusion(name: str, path: str) -> Factory:
 def _igb_v2_fusion(name: str, path: str) -> Factory:
   def make(k, spe, key):
     k1, k2 = jax.random.split(key)
-    return Links(_igb_v2(k, spe, k1), _aggregator(name, k, spe, k2, path), path)
+    return Links(_igb_v2(k, spe, k1, agent_learning_rate=IGB_V2_FUSION_AGENT_LR),
+                 _aggregator(name, k, spe, k2, path), path)
   return make
 
 
 def gradient_methods(path: str = "stacked") -> dict[str, Factory]:
   """Every method with a gradient balancer, built for `path` ('stacked' or 'representation')."""
   out = {n: _gradient(n, path) for n in GRADIENT_BALANCERS}
-  out["db_mtl_decay"] = _db_mtl_decay(path)
+  out["db_mtl_decay"] = _beta_point("db_mtl", 0.9, 0.5, path)  # the grid's 0.9 / sqrt(k)
   out.update({f"igb_v2+{n}": _igb_v2_fusion(n, path) for n in IGB_V2_FUSIONS})
   out["igb_v1+nash_mtl"] = _igb_v1_fusion("nash_mtl", path)
   return out
 
 
-def registry() -> dict[str, Factory]:
-  """Every method that this `mtl_optax` provides, in the order of the result tables."""
+def registry(dataset: str | None = None) -> dict[str, Factory]:
+  """Every method that this `mtl_optax` provides, in the order of the result tables; with a
+  `dataset`, also `<method>_tuned` and `<method>_tuned_rep`, its `TUNED` grid point there."""
   methods = dict(LOSS_BALANCERS)
   methods["igb_v2"] = lambda k, spe, key: Links(_igb_v2(k, spe, key), None)
   methods.update(gradient_methods())
   representation = gradient_methods("representation")
   methods.update({f"{n}_rep": representation[n] for n in REPRESENTATION})
+  for method, points in TUNED.items():
+    if dataset in points:
+      beta, beta_sigma = BETA_GRID[points[dataset]]
+      methods[f"{method}_tuned"] = _beta_point(method, beta, beta_sigma)
+      methods[f"{method}_tuned_rep"] = _beta_point(method, beta, beta_sigma, "representation")
   return methods
 
 
@@ -121,11 +152,12 @@ def accepts(name: str, num_tasks: int) -> bool:
   return method is None or num_tasks >= method.min_tasks
 
 
-def select(names: str) -> dict[str, Factory]:
-  """`"all"` or a comma-separated list of registry names."""
-  methods = registry()
+def select(names: str, dataset: str | None = None) -> dict[str, Factory]:
+  """`"all"` or a comma-separated list of names of `registry(dataset)` or of `beta_grid()`."""
+  methods = registry(dataset)
   if names == "all":
     return methods
+  methods.update(beta_grid())
   chosen = [n.strip() for n in names.split(",") if n.strip()]
   unknown = [n for n in chosen if n not in methods]
   if unknown:

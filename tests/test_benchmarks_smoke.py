@@ -134,6 +134,46 @@ def test_stl_is_trained_on_one_task_per_run():
     assert not np.allclose(heads[task, task], others[0])  # trained in run `task`
 
 
+def test_runs_in_sequence_train_as_the_vmapped_runs():
+  """`vmap_runs=False` (the GNN's setting) trains each run alone through the same compiled
+  epoch: the same parameters as all runs vmapped, seed by seed and STL run by STL run."""
+  ds, model = synthetic(), models.build("mlp", 3, 1, hidden=8, depth=1)
+  args = dict(seeds=2, epochs=2, batch_size=16, lr=1e-2, progress=False,
+              task_weights=np.eye(3, dtype=np.float32))
+  together, _ = run.train(ds, model, methods.registry()["rlw"], **args)
+  apart, _ = run.train(ds, model, methods.registry()["rlw"], vmap_runs=False, **args)
+  assert jax.tree.leaves(apart)[0].shape[0] == 6  # 2 seeds x 3 STL runs
+  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+  jax.tree.map(chex_close, together, apart)
+
+
+def test_beta_grid_and_tuned_points():
+  """The grid is DB-MTL's paper's (beta in {0.1, 0.5, 0.9}, constant or / sqrt(k)); each
+  dataset's tuned point is one of it and `<method>_tuned` is exactly that point."""
+  assert sorted(methods.BETA_GRID.values()) == sorted(
+      (b, s) for b in (0.1, 0.5, 0.9) for s in (0.0, 0.5))
+  assert not any(n.endswith("_tuned") for n in methods.registry())
+  grads = {"params": {"trunk": jnp.array([[3.0, 0.0], [0.0, 1.0]])}}
+  like = {"params": {"trunk": jnp.zeros(2)}}
+  for method, points in methods.TUNED.items():
+    for dataset, point in points.items():
+      beta, sigma = methods.BETA_GRID[point]
+      tuned = methods.select(f"{method}_tuned", dataset)[f"{method}_tuned"](2, 10, None)
+      direct = methods.TUNABLE[method](2, beta, sigma, shared=models.shared_mask)
+      state_t, state_d = tuned.aggregator.init(like), direct.init(like)
+      for _ in range(3):  # beta_k differs between the grid points from the second step on
+        out_t, state_t = tuned.aggregator.update(grads, state_t, losses=jnp.array([2.0, 0.5]))
+        out_d, state_d = direct.update(grads, state_d, losses=jnp.array([2.0, 0.5]))
+      np.testing.assert_allclose(out_t["params"]["trunk"], out_d["params"]["trunk"],
+                                 rtol=1e-6)
+  assert set(methods.select("db_mtl_0.1,moco_0.5_decay")) == {"db_mtl_0.1", "moco_0.5_decay"}
+
+
+def test_paper_stl_needs_the_seeds_recipe():
+  with pytest.raises(SystemExit, match="--recipe seeds"):
+    run.main(["--dataset", "yeast", "--stl", "paper", "--methods", "ew"])
+
+
 # -- data ---------------------------------------------------------------------------------------
 
 

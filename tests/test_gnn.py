@@ -64,17 +64,20 @@ def test_features_of_methane():
 @pytest.mark.slow  # benchmark-style; run with -m slow
 def test_gnn_trains_on_qm9_graphs_with_the_plateau_schedule():
   """The seeds recipe's pieces: molecules as graphs, atomization energies, the GNN, Adam whose
-  learning rate follows the validation plateau (two runs vmapped: MTL and one STL row)."""
+  learning rate follows the validation plateau (two runs: MTL and one STL row), the runs
+  vmapped or one after another (the GNN's default) alike."""
   ds = data.load_qm9(max_train=48, max_eval=24, limit=200, graphs=True, atomization=True)
   assert ds.train.x.shape[1:] == (data.QM9_MAX_ATOMS, 4)
   model = models.build("gnn", len(ds.task_names), 1, hidden=8, depth=1)
   weights = np.stack([np.ones(11), np.eye(11)[2]]).astype(np.float32)
   plateau = run.Plateau(run.seeds_score(ds, model), patience=0)
-  params, _ = run.train(ds, model, run.methods.registry()["ew"], seeds=1, epochs=2,
-                        batch_size=24, lr=1e-3, task_weights=weights, plateau=plateau,
-                        progress=False)
+  args = dict(seeds=1, epochs=2, batch_size=24, lr=1e-3, task_weights=weights, plateau=plateau,
+              progress=False)
+  params, _ = run.train(ds, model, run.methods.registry()["ew"], **args)
   mae = run.evaluate(ds, model, params, "test")
   assert mae.shape == (2, 11) and np.isfinite(mae).all()
+  apart, _ = run.train(ds, model, run.methods.registry()["ew"], vmap_runs=False, **args)
+  np.testing.assert_allclose(run.evaluate(ds, model, apart, "test"), mae, rtol=1e-4)
 
 
 def test_seeds_recipe_settings():
