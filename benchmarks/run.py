@@ -179,7 +179,7 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
   groups = [slice(None)] if vmap_runs else [slice(r, r + 1) for r in range(len(weights))]
   init_runs, index = jax.jit(jax.vmap(init)), jnp.zeros([], jnp.int32)
   run_epoch = jax.jit(jax.vmap(epoch, in_axes=(0, None, None, None))).lower(
-      init_runs(keys[groups[0]], weights[groups[0]]), index, x, y).compile()
+      jax.eval_shape(init_runs, keys[groups[0]], weights[groups[0]]), index, x, y).compile()
   if plateau is not None:
     schedule = optax.contrib.reduce_on_plateau(plateau.factor, plateau.patience + 1,
                                                min_scale=plateau.min_lr / lr)
@@ -188,7 +188,7 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
   for group in groups:
     state = init_runs(keys[group], weights[group])
     if plateau is not None:
-      on_plateau = jax.vmap(schedule.init)(jnp.zeros(len(state.task_weights)))
+      on_plateau = jax.vmap(schedule.init)(jnp.zeros(len(weights[group])))
     bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
     for e in bar:
       start = time.perf_counter()

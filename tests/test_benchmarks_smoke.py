@@ -143,8 +143,8 @@ def test_runs_in_sequence_train_as_the_vmapped_runs():
   together, _ = run.train(ds, model, methods.registry()["rlw"], **args)
   apart, _ = run.train(ds, model, methods.registry()["rlw"], vmap_runs=False, **args)
   assert jax.tree.leaves(apart)[0].shape[0] == 6  # 2 seeds x 3 STL runs
-  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
-  jax.tree.map(chex_close, together, apart)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+  jax.tree.map(close, together, apart)
 
 
 def test_beta_grid_and_tuned_points():
@@ -161,7 +161,7 @@ def test_beta_grid_and_tuned_points():
       tuned = methods.select(f"{method}_tuned", dataset)[f"{method}_tuned"](2, 10, None)
       direct = methods.TUNABLE[method](2, beta, sigma, shared=models.shared_mask)
       state_t, state_d = tuned.aggregator.init(like), direct.init(like)
-      for _ in range(3):  # beta_k differs between the grid points from the second step on
+      for _ in range(3):  # several steps, so that the beta_k schedule enters
         out_t, state_t = tuned.aggregator.update(grads, state_t, losses=jnp.array([2.0, 0.5]))
         out_d, state_d = direct.update(grads, state_d, losses=jnp.array([2.0, 0.5]))
       np.testing.assert_allclose(out_t["params"]["trunk"], out_d["params"]["trunk"],
