@@ -59,6 +59,18 @@ def test_gram_under_jit_and_vmap():
     np.testing.assert_allclose(out[i], g @ g.T, rtol=1e-5, atol=1e-5)
 
 
+def test_row_norms_are_the_gram_diagonal():
+  trees = [stacked(seed=s) for s in range(2)]
+  want = [np.linalg.norm(flat_rows(t), axis=1) for t in trees]
+  np.testing.assert_allclose(tree_lib.row_norms(trees[0]), want[0], rtol=1e-6)
+  batched = jax.tree.map(lambda *x: jnp.stack(x), *trees)
+  np.testing.assert_allclose(jax.jit(jax.vmap(tree_lib.row_norms))(batched), want, rtol=1e-6)
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), trees[0])  # float32 squares
+  assert tree_lib.row_norms(half).dtype == jnp.float32
+  np.testing.assert_allclose(tree_lib.row_norms(half), np.linalg.norm(flat_rows(half), axis=1),
+                             rtol=1e-6)
+
+
 def test_combine_and_scale_rows():
   tree = stacked()
   w = np.array([0.5, -2.0, 3.0], np.float32)

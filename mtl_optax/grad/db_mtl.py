@@ -71,7 +71,7 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
     beta_k = beta / (state.count + 1).astype(jnp.float32)**beta_sigma
     grads = optax.tree.cast_like(optax.tree.update_moment(rows, state.grads, beta_k, 1),
                                  state.grads)
-    norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(grads, axis_name=axis_name)), 0.0))
+    norms = tree_lib.row_norms(grads, axis_name=axis_name)
     weights = norms.max() / (norms + _EPS)
     return tree_lib.combine(weights, grads), None, DBMTLState(state.count + 1, grads)
 

@@ -79,14 +79,16 @@ def excess_mtl(
     return ExcessMTLState(jnp.zeros([], jnp.int32), sums, jnp.zeros((num_tasks,), dtype),
                           jnp.zeros((num_tasks,), dtype))
 
-  def aggregate(rows, state, losses, params):
+  def aggregate(rows, state, losses, params, axis_name=None):
     del losses, params
     sums = jax.tree.map(lambda s, r: s + jnp.square(r.astype(s.dtype)), state.grad_sq_sum, rows)
     per_leaf = jax.tree.map(
-        lambda s, r: jnp.sum((jnp.square(r.astype(s.dtype)) / jnp.sqrt(s + eps)).reshape(
-            num_tasks, -1), axis=1), sums, rows)
+        lambda s, r: jnp.sum(jnp.square(r.astype(s.dtype)) / jnp.sqrt(s + eps),
+                             axis=tuple(range(1, r.ndim))), sums, rows)
     dtype = state.log_weights.dtype
     risk = sum(jax.tree.leaves(per_leaf), jnp.zeros((num_tasks,), dtype)).astype(dtype)
+    if axis_name is not None:  # rows split over devices (shard_map): the whole rows' risk
+      risk = jax.lax.psum(risk, axis_name)
     first = state.count == 0
     first_risk = jnp.where(first, risk, state.first_risk)
     positive = first_risk > 0

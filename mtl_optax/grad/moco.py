@@ -79,7 +79,7 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
     del params
     step = (state.count + 1).astype(jnp.float32)
     if normalize:
-      norms = jnp.sqrt(jnp.maximum(jnp.diag(tree_lib.gram(rows, axis_name=axis_name)), 0.0))
+      norms = tree_lib.row_norms(rows, axis_name=axis_name)
       rows = tree_lib.scale_rows(losses / (norms + _EPS), rows)
     beta_k = beta / step**beta_sigma
     tracking = optax.tree.cast_like(  # y <- y - beta (y - g)

@@ -152,8 +152,8 @@ def trimmed_mean(num_tasks: int, trim_number: int, *,
                      f"rows, got K = {num_tasks}.")
   keep = slice(trim_number, num_tasks - trim_number)
 
-  def aggregate(shared_rows, state, losses, params):
-    del losses, params
+  def aggregate(shared_rows, state, losses, params, axis_name=None):
+    del losses, params, axis_name  # coordinate-wise: rows split over devices need nothing more
     return jax.tree.map(lambda r: jnp.sort(r, axis=0)[keep].mean(axis=0), shared_rows), None, state
 
   return aggregator("trimmed_mean", lambda params: optax.EmptyState(), aggregate,
