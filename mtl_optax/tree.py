@@ -100,9 +100,10 @@ def gram(stacked: Tree, other: Tree | None = None,
   Each leaf is contracted over all its axes but the first: under `jit` with sharded leaves
   (automatic or explicit axes) without a reshape, so a leaf split along any of them is
   contracted shard by shard and only K x K partial sums cross devices; otherwise as one matrix
-  product of the flattened rows (on CPU twice as fast). Inside `shard_map`, where each device holds a shard of every row (z split
-  over the batch, or parameter-sharded leaves), `axis_name` names the mesh axes the rows are
-  split over, and the per-device Gram matrices are summed over them (`jax.lax.psum`).
+  product of the flattened rows (on CPU twice as fast). Inside `shard_map`, where each device
+  holds a shard of every row (z split over the batch, or parameter-sharded leaves),
+  `axis_name` names the mesh axes the rows are split over, and the per-device Gram matrices are
+  summed over them (`jax.lax.psum`).
   """
   def leaf_gram(leaf, other_leaf):
     dtype = jnp.promote_types(leaf.dtype, jnp.float32)  # bfloat16 rows: a float32 Gram
