@@ -30,10 +30,14 @@ MODES = ("jit-8x1", "jit-2x4", "shard_map-8x1", "explicit-8x1")
 FUSIONS = ("igb_v1+nash_mtl", "igb_v2+nash_mtl")
 
 
+def eight_devices() -> dict[str, str]:
+  """The environment of a child process on eight CPU devices that imports this checkout."""
+  return {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAGS}".strip(),
+          "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def run_child(*args: str) -> list[dict]:
-  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAGS}".strip(),
-         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-  done = subprocess.run([sys.executable, str(CHILD), *args], cwd=ROOT, env=env,
+  done = subprocess.run([sys.executable, str(CHILD), *args], cwd=ROOT, env=eight_devices(),
                         capture_output=True, text=True, timeout=3600)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
   return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -113,10 +117,8 @@ def test_every_path_in_every_mode_equals_one_device():
 
 @pytest.mark.slow
 def test_data_parallel_example_matches_one_device():
-  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FLAGS}".strip(),
-         "PYTHONPATH": str(ROOT)}
   done = subprocess.run([sys.executable, "examples/data_parallel.py", "--steps", "6"], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=3600)
+                        env=eight_devices(), capture_output=True, text=True, timeout=3600)
   assert done.returncode == 0, done.stderr[-4000:]
   gaps = [float(line.rsplit(" ", 1)[1]) for line in done.stdout.splitlines()
           if "gap to one device" in line]
