@@ -157,9 +157,7 @@ METHODS: dict[str, Method] = {
                          "stateful", "gram", EQUIVARIANT),
     "excess_mtl": _grad(lambda k, key, shared: excess_mtl(k, shared=shared), "stateful",
                         EQUIVARIANT),
-    # FairGrad: not permutation-equivariant when M w = w^(-1/alpha) has no solution (the origin
-    # in the rows' hull): the last iterate then depends on the tasks' order.
-    "fairgrad": _grad(lambda k, key, shared: fairgrad(k, shared=shared), "gram",
+    "fairgrad": _grad(lambda k, key, shared: fairgrad(k, shared=shared), "gram", EQUIVARIANT,
                       "non_conflicting"),
     # MoDo and SDMGrad without `sample_jacobians`: the update's own Gram matrix stands in.
     "modo": _grad(lambda k, key, shared: modo(k, shared=shared), "stateful", "gram",

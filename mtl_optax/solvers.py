@@ -380,9 +380,11 @@ def fair_weights(
 
   Tasks with a zero row (norm <= 1e-12 of the largest) have no solution (their weight would
   grow without bound): they get the largest weight of the others (1 if every row is zero).
-  If 0 is a positive combination of the rows, F is unbounded below and no solution exists;
-  the iterate after `max_iter` steps is returned. Returns `(w, ok)`: `ok[i]` is true where
-  task i's row is nonzero and the residual test passed.
+  If 0 is a nonnegative combination of the nonzero rows, F is unbounded below and no solution
+  exists: the iterate runs off to infinity. Where its ||d||^2 = b^T C b is then below its
+  rounding level K eps b^T |C| b (d is rounding noise), the answer is MGDA's min-norm weights
+  (`min_norm_weights`; d = 0 when 0 is a convex combination of the rows). Returns `(w, ok)`:
+  `ok[i]` is true where task i's row is nonzero, the residual test passed and d is resolved.
   """
   k = m.shape[0]
   p = 1.0 / alpha
@@ -436,10 +438,15 @@ def fair_weights(
   b, _, _ = jax.lax.while_loop(cond, body, (b0, jnp.array(0), jnp.array(False)))
   b = jnp.where(jnp.all(jnp.isfinite(b)) & jnp.all(b > 0), b, b0)
   r, level = residual(b)
-  ok = active & jnp.all(jnp.abs(r) < jnp.maximum(tol, level))
+  # Run off to infinity, the residual is within its rounding level, but d is not resolved.
+  resolved = b @ c @ b > k * eps * (b @ jnp.abs(c) @ b)
+  converged = jnp.all(jnp.abs(r) < jnp.maximum(tol, level)) & resolved
   w = b * inv * s ** (-2.0 / (1.0 + p))
   top = jnp.max(jnp.where(active, w, 0.0))
-  return jnp.where(active, w, jnp.where(top > 0, top, 1.0)), ok
+  w = jnp.where(active, w, jnp.where(top > 0, top, 1.0))
+  w = jax.lax.cond(resolved | ~jnp.any(active), lambda: w,
+                   lambda: min_norm_weights(m).astype(w.dtype))
+  return w, active & converged
 
 
 def _barrier_lp(

@@ -12,6 +12,7 @@ import pytest
 from scipy import optimize
 
 import mtl_optax
+from mtl_optax import solvers
 
 K, N, H = 3, 7, 2  # tasks, shared parameters, head parameters per task
 SHARED = {"w": True, "head": False}
@@ -142,6 +143,27 @@ def test_fairgrad_zero_row_is_finite():
   g[1] = 0.0
   w = np.asarray(mtl_optax.fairgrad_weights(jnp.asarray(g @ g.T, jnp.float32)))
   assert np.all(np.isfinite(w)) and np.all(w > 0)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_fairgrad_without_solution_is_finite_and_non_conflicting(alpha):
+  """3 g_0 + g_1 = 0, so M w = w^(-1/alpha) has no solution and Newton's iterate runs off (it
+  gave d of norm ~1e7, conflicting). Rows a, -3a: the min-norm point 0, weights (3, 1) / 4.
+  With a third row b orthogonal to a: some finite d with g_i . d >= 0 at the rounding level."""
+  a = np.zeros(N)
+  a[0] = 2.0
+  b = np.zeros(N)
+  b[1] = 1.0
+  solve = jax.jit(lambda m: solvers.fair_weights(m, alpha))
+  pair = np.stack([a, -3.0 * a])
+  w, ok = solve(jnp.asarray(pair @ pair.T, jnp.float32))
+  np.testing.assert_allclose(w, [0.75, 0.25], atol=1e-6)
+  assert not np.any(ok)
+  g = np.stack([a, -3.0 * a, b])
+  w, _ = solve(jnp.asarray(g @ g.T, jnp.float32))
+  d = np.asarray(w, np.float64) @ g
+  assert np.all(np.isfinite(d)) and np.linalg.norm(d) <= np.linalg.norm(g)
+  assert np.all(g @ d >= -1e-5 * np.linalg.norm(g) ** 2)
 
 
 # -- MoDo and SDMGrad: three mini-batches --

@@ -61,7 +61,10 @@ def fairgrad(
   equation has a solution. LibMTL solves it with SciPy's `least_squares` from w = 1/K on the
   host; here `fairgrad_weights` solves it exactly inside jit (damped Newton on a convex
   reformulation). As in LibMTL the weights multiply the losses, so task-specific leaves get
-  sum_i w_i row_i too. Stateless: every step solves from scratch, as LibMTL does.
+  sum_i w_i row_i too. Stateless: every step solves from scratch, as LibMTL does. Where the
+  equation has no solution (0 a nonnegative combination of the rows, e.g. two opposite rows),
+  Newton's iterate runs off to infinity; the weights are then MGDA's min-norm weights
+  (`solvers.fair_weights`), finite and non-conflicting.
 
   Args:
     num_tasks: K.
