@@ -10,7 +10,8 @@ and each reports its median; ratios are against a baseline timed in the same rou
      for K = 3, 11 and 40 tasks;
   4. every gradient balancer on the representation path vs single-backward equal weighting,
      on the QM9 benchmark's model (descriptor MLP, 3 x 256, K = 11, batch 128) and the same
-     model with K = 40 heads;
+     model with K = 40 heads, beside the floor of every Gram-based method there (`unit_rows`:
+     the z-rows, their Gram matrix, the combination and the pullback, no solver);
   5. the Gram-only path vs the stacked path on an MLP of six 512-wide layers, K = 3, 11, 40.
 
   python benchmarks/step_time.py [--rounds 7] [--sections loss grad rep gram] [--out FILE]
@@ -247,12 +248,25 @@ def gradient_balancer_table(rounds: int, task_counts: tuple[int, ...]) -> str:
   return "### Gradient balancers on the stacked Jacobian\n\n" + _table(["method"] + columns, rows)
 
 
+GRAM_FLOOR = "floor: z-rows' Gram, no solver"
+
+
+def unit_rows(num_tasks: int) -> optax.GradientTransformationExtraArgs:
+  """The sum of the unit rows, w_i = 1 / ||g_i|| from the Gram matrix: a Gram-based balancer
+  with a closed-form weighting, so its step is what every Gram-based method pays before its
+  own solver (the rows, their K x K Gram matrix, the combination and the pullback)."""
+  return mtl_optax.gram_aggregator(
+      GRAM_FLOOR, num_tasks, lambda params: optax.EmptyState(),
+      lambda gram, state, losses: (1.0 / jnp.sqrt(jnp.diag(gram)), None, state))
+
+
 def representation_table(rounds: int, task_counts: tuple[int, ...] = (11, 40)) -> str:
   """Representation path vs single-backward EW on the QM9 benchmark's model."""
   results = {}
   for k in task_counts:
     problem = FlaxProblem(k, hidden=256, depth=3, d_in=274, batch=128)
-    runs = {"EW (single-backward)": _compiled(*problem.step("ew"))}
+    runs = {"EW (single-backward)": _compiled(*problem.step("ew")),
+            GRAM_FLOOR: _compiled(*problem.step("representation", unit_rows(k)))}
     for name, factory in methods.gradient_methods("representation").items():
       balancer = methods.chain(factory(k, STEPS_PER_EPOCH, jax.random.PRNGKey(0)))
       runs[name] = _compiled(*problem.step("representation", balancer))
@@ -297,6 +311,17 @@ def gram_table(rounds: int, task_counts: tuple[int, ...] = (3, 11, 40)) -> str:
                    rows))
 
 
+def cpu_model() -> str:
+  """The processor's model name (Linux), else what `platform` knows."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=7)
@@ -306,7 +331,7 @@ def main() -> None:
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args()
   report = "\n\n".join([
-      f"Device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
+      f"Device: {jax.devices()[0].device_kind} ({cpu_model()}), "
       f"jax {jax.__version__}; {STEPS} steps per timing, batch {BATCH}, median of "
       f"{args.rounds} interleaved rounds.",
       *[{"loss": lambda: loss_balancer_tables(args.rounds),

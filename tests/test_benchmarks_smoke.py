@@ -286,3 +286,14 @@ def test_examples_run(name, kwargs):
 def test_vmapped_seeds_differ():
   final = np.asarray(load_example("vmap_seeds").main(seeds=2, steps=10))
   assert final.shape == (2, 2) and not np.allclose(final[0], final[1])
+
+
+def test_step_time_floor_is_the_sum_of_unit_rows():
+  """The representation table's floor row: a Gram-based balancer with w_i = 1 / ||g_i||."""
+  from benchmarks import step_time
+  g = np.random.default_rng(0).normal(size=(3, 5)) * np.array([[1.0], [10.0], [0.1]])
+  tx = step_time.unit_rows(3)
+  d, state = jax.jit(tx.update)({"w": jnp.asarray(g, jnp.float32)}, tx.init({"w": jnp.zeros(5)}))
+  norms = np.linalg.norm(g, axis=1)
+  np.testing.assert_allclose(d["w"], (g / norms[:, None]).sum(0), rtol=1e-5)
+  np.testing.assert_allclose(optax.tree.get(state, "weights"), 1.0 / norms, rtol=1e-5)
