@@ -1,9 +1,15 @@
 """mtl_optax: multi-task loss and gradient balancers as optax transformations."""
 
-# The three paths: stacked Jacobian, single-backward / Gram-only, representation.
+# The entry point: one call shape on the three paths.
+from mtl_optax.balanced import BalancedGrad, ValueAndGrad, value_and_grad
+
+# The layer below it: stacked Jacobian, single-backward / Gram-only, representation.
 from mtl_optax.jacobian import task_weights, value_and_jacrev, value_and_reweighted_grad
 from mtl_optax.representation import value_and_representation_jacrev
-from mtl_optax.rows import GramRows, GramUpdate, RepresentationRows, row_like
+from mtl_optax.rows import GramRows, GramUpdate, RepresentationRows, StackedRows, row_like
+
+# Every balancer's state, and the weights of its last update along a chain.
+from mtl_optax.state import BalancerState, effective_weights
 
 # Loss balancers (reweighters): stacked -> stacked.
 from mtl_optax.loss.base import reweighter
@@ -18,8 +24,7 @@ from mtl_optax.loss.stch import STCHState, stch
 
 # Gradient balancers (aggregators): stacked -> one gradient; and their Gram -> weights functions.
 from mtl_optax.grad.aligned_mtl import aligned_mtl, aligned_mtl_weights
-from mtl_optax.grad.base import (GramBalancerState, aggregator, gram_aggregator, mean_tasks,
-                                 sum_tasks)
+from mtl_optax.grad.base import aggregator, gram_aggregator, mean_tasks, sum_tasks
 from mtl_optax.grad.cagrad import cagrad, cagrad_weights
 from mtl_optax.grad.config import config, config_weights
 from mtl_optax.grad.constant import constant
@@ -58,6 +63,8 @@ from mtl_optax import registry
 __version__ = "0.1.0"
 
 __all__ = (
+    "BalancedGrad",
+    "BalancerState",
     "CRMOGMState",
     "DBMTLState",
     "DWAState",
@@ -66,7 +73,6 @@ __all__ = (
     "GradDropState",
     "GradNormState",
     "GradVacState",
-    "GramBalancerState",
     "GramRows",
     "GramUpdate",
     "IGBv1State",
@@ -83,6 +89,8 @@ __all__ = (
     "SACState",
     "SDMGradState",
     "STCHState",
+    "StackedRows",
+    "ValueAndGrad",
     "aggregator",
     "aligned_mtl",
     "aligned_mtl_weights",
@@ -99,6 +107,7 @@ __all__ = (
     "dualproj",
     "dualproj_weights",
     "dwa",
+    "effective_weights",
     "equal_weights",
     "excess_mtl",
     "fairgrad",
@@ -149,6 +158,7 @@ __all__ = (
     "upgrad",
     "upgrad_weights",
     "uw",
+    "value_and_grad",
     "value_and_jacrev",
     "value_and_representation_jacrev",
     "value_and_reweighted_grad",

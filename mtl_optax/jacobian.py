@@ -14,8 +14,12 @@ from mtl_optax.checks import check_positive_int
 from mtl_optax.rows import GramRows, GramUpdate
 
 
-def _vjp(fun, params, args, kwargs, has_aux, name):
-  """Forward pass of `fun` with its VJP; checks that it returns a vector of losses."""
+def task_vjp(fun: Callable[..., Any], params: Any, args: tuple, has_aux: bool, name: str,
+             kwargs: dict | None = None) -> tuple[jax.Array, Callable, Any]:
+  """Forward pass of `fun(params, *args, **kwargs)` with its VJP; checks that it returns a
+  vector of losses. Returns `(losses, vjp_fn, value)`, `value` being `losses` or
+  `(losses, aux)` with `has_aux`."""
+  kwargs = kwargs or {}
   out = jax.vjp(lambda p: fun(p, *args, **kwargs), params, has_aux=has_aux)
   losses = out[0]
   if jnp.ndim(losses) != 1:
@@ -52,7 +56,7 @@ def value_and_jacrev(fun: Callable[..., Any], has_aux: bool = False) -> Callable
      [2. 2. 2.]]
   """
   def wrapped(params, *args, **kwargs):
-    losses, vjp_fn, value = _vjp(fun, params, args, kwargs, has_aux, "value_and_jacrev")
+    losses, vjp_fn, value = task_vjp(fun, params, args, has_aux, "value_and_jacrev", kwargs)
     (jac,) = jax.vmap(vjp_fn)(jnp.eye(losses.shape[0], dtype=losses.dtype))
     return value, jac
   return wrapped
@@ -89,7 +93,7 @@ def task_weights(
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, optax, mtl_optax
-    >>> tx = optax.chain(mtl_optax.log_losses(), mtl_optax.imtl_g(2))
+    >>> tx = optax.chain(mtl_optax.log_losses(2), mtl_optax.imtl_g(2))
     >>> gram = jnp.array([[1.0, -0.5], [-0.5, 4.25]])  # rows (1, 0) and (-0.5, 2)
     >>> w, state = mtl_optax.task_weights(tx, tx.init(None), jnp.array([1.0, 2.0]), gram=gram)
     >>> print(np.asarray(w).round(3))  # on the raw rows, the 1 / L_i scaling included
@@ -108,7 +112,8 @@ def task_weights(
     return jnp.asarray(gram)
 
   rows = GramRows(jnp.eye(k, dtype=jnp.promote_types(losses.dtype, jnp.float32)), gram_fn)
-  out, new_state = _update(balancer, rows, state, params, losses, extra_args, "task_weights")
+  out, new_state = apply_to_gram_rows(balancer, rows, state, params, losses, extra_args,
+                                      "task_weights")
   weights = out.shared if isinstance(out, GramUpdate) else jnp.diag(out.coef)
   return jax.lax.stop_gradient(weights), new_state
 
@@ -157,32 +162,39 @@ def value_and_reweighted_grad(
   check_positive_int(chunk_size, "value_and_reweighted_grad: chunk_size")
 
   def wrapped(params, state, *args, **extra_args):
-    losses, vjp_fn, value = _vjp(fun, params, args, {}, has_aux, "value_and_reweighted_grad")
-    gram_fn = _chunked_gram(vjp_fn, losses, chunk_size)
+    losses, vjp_fn, value = task_vjp(fun, params, args, has_aux, "value_and_reweighted_grad")
+    gram_fn = chunked_gram(vjp_fn, losses, chunk_size)
     rows = GramRows(jnp.eye(losses.shape[0], dtype=losses.dtype), gram_fn)
-    out, new_state = _update(balancer, rows, state, params, losses, extra_args,
+    out, new_state = apply_to_gram_rows(balancer, rows, state, params, losses, extra_args,
                              "value_and_reweighted_grad")
     if isinstance(out, GramRows):  # loss balancers alone: the sum of the reweighted rows
       out = out.combine(jnp.ones(out.num_tasks, out.coef.dtype), None, None)
-    return (value, _pullback(vjp_fn, out, losses.dtype)), new_state
+    return (value, pullback_gram(vjp_fn, out, losses.dtype)), new_state
   return wrapped
 
 
-def _update(balancer, rows, state, params, losses, extra_args, name):
-  """Runs `balancer` on Gram rows; its output must be Gram rows or a Gram update."""
-  message = (f"{name} needs a loss balancer, a Gram-based gradient balancer, or an optax.chain "
-             "of them, with no optimizer after it")
+def apply_to_gram_rows(balancer: optax.GradientTransformation, rows: GramRows,
+                       state: optax.OptState, params: Any, losses: jax.Array,
+                       extra_args: dict, name: str) -> tuple[GramRows | GramUpdate, Any]:
+  """Runs `balancer` on Gram rows; its output must be Gram rows or a Gram update.
+
+  A transformation that is not a balancer (an optimizer) meets rows or weights it cannot
+  compute with: the `TypeError` that gives, or an output that is neither, becomes a message
+  saying what the path takes."""
+  message = (f"{name} takes a loss balancer, a Gram-based gradient balancer, or an "
+             "optax.chain of them, without an optimizer: apply the optimizer to the gradient "
+             "it returns")
   update = optax.with_extra_args_support(balancer).update
   try:
     out, new_state = update(rows, state, params, losses=losses, **extra_args)
-  except TypeError as error:  # a transformation after the gradient balancer met its weights
-    raise ValueError(f"{message} ({error}).") from error
+  except TypeError as error:  # an optimizer met GramRows or GramUpdate, which hold no arrays to update
+    raise ValueError(f"{message}.") from error
   if not isinstance(out, (GramRows, GramUpdate)):
     raise ValueError(f"{message}; the balancer returned {type(out).__name__}, not task weights.")
   return out, new_state
 
 
-def _chunked_gram(vjp_fn: Callable, losses: jax.Array, chunk_size: int):
+def chunked_gram(vjp_fn: Callable, losses: jax.Array, chunk_size: int):
   """mask -> J M J^T, M the projection onto the leaves `mask` marks shared (None: all).
 
   Column i is J (M J^T e_i): a VJP, then a JVP (the VJP's transpose), in chunks of
@@ -204,7 +216,7 @@ def _chunked_gram(vjp_fn: Callable, losses: jax.Array, chunk_size: int):
   return gram
 
 
-def _pullback(vjp_fn: Callable, out: GramUpdate, dtype) -> Any:
+def pullback_gram(vjp_fn: Callable, out: GramUpdate, dtype) -> Any:
   """J^T w on shared leaves and J^T v on task-specific ones (one VJP when w is v).
 
   Two VJPs, each kept on its own leaves only, so XLA drops the rest of each: the second

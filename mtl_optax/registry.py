@@ -107,13 +107,13 @@ def _ramp(num_tasks: int) -> np.ndarray:
 EQUIVARIANT = "permutation_equivariant"
 METHODS: dict[str, Method] = {
     # Loss balancers (Table "loss balancers" of README).
-    "ew": _loss(lambda k, spe, key: equal_weights(), EQUIVARIANT),
-    "si": _loss(lambda k, spe, key: log_losses(), "needs_losses", EQUIVARIANT),
-    "rlw": _loss(lambda k, spe, key: rlw(key=key), "random"),
+    "ew": _loss(lambda k, spe, key: equal_weights(k), EQUIVARIANT),
+    "si": _loss(lambda k, spe, key: log_losses(k), "needs_losses", EQUIVARIANT),
+    "rlw": _loss(lambda k, spe, key: rlw(k, key=key), "random"),
     "dwa": _loss(lambda k, spe, key: dwa(k, spe), "stateful", "needs_losses",
                  EQUIVARIANT),
     "uw": _loss(lambda k, spe, key: uw(k), "stateful", "needs_losses", EQUIVARIANT),
-    "gls": _loss(lambda k, spe, key: gls(), "needs_losses", EQUIVARIANT),
+    "gls": _loss(lambda k, spe, key: gls(k), "needs_losses", EQUIVARIANT),
     "imtl_l": _loss(lambda k, spe, key: imtl_l(k), "stateful", "needs_losses",
                     EQUIVARIANT),
     "igb_v1": _loss(lambda k, spe, key: igb_v1(k, spe), "stateful", "needs_losses",
@@ -139,7 +139,7 @@ METHODS: dict[str, Method] = {
                          "gram", EQUIVARIANT, "homogeneous"),
     "upgrad": _grad(lambda k, key, shared: upgrad(k, shared=shared), "gram",
                     EQUIVARIANT, "homogeneous", "non_conflicting"),
-    "graddrop": _grad(lambda k, key, shared: graddrop(key=key, shared=shared),
+    "graddrop": _grad(lambda k, key, shared: graddrop(k, key=key, shared=shared),
                       "random"),
     "gradvac": _grad(lambda k, key, shared: gradvac(k, key=key, shared=shared),
                      "random", "stateful", "gram"),

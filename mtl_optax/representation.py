@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.rows import RepresentationRows
+from mtl_optax.rows import RepresentationRows, StackedRows
 
 Pullback = Callable[[RepresentationRows], Any]
 
@@ -82,15 +82,26 @@ def value_and_representation_jacrev(
     rows = RepresentationRows(z_rows, specific_rows)
 
     def pullback(update: RepresentationRows) -> Any:
-      expected = jax.tree.structure(rows)
-      if jax.tree.structure(update) != expected:
-        raise ValueError("pullback: expected one row shaped like the representation rows "
-                         f"({expected}), got {jax.tree.structure(update)}.")
+      _check_one_row(update, rows)
       (shared_grad,) = encode_vjp(update.z)
       return tree_lib.merge(shared_grad, update.specific, mask)
 
     return ((losses, out[2]) if has_aux else losses), rows, pullback
   return wrapped
+
+
+def _check_one_row(update: Any, rows: RepresentationRows) -> None:
+  """Raises at trace time unless `update` is one row shaped like `rows` without the K axis."""
+  if isinstance(update, StackedRows):
+    raise ValueError("pullback takes one row, a gradient balancer's output, but got the K rows "
+                     f"a loss balancer scaled: {StackedRows._hint}.")
+  shape = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+  expected = jax.tree.map(lambda r: r.shape[1:], rows)
+  if (jax.tree.structure(update) != jax.tree.structure(rows)
+      or _shapes(update) != [r.shape[1:] for r in jax.tree.leaves(rows)]):
+    raise ValueError(f"pullback takes one row shaped {expected} (the rows without their task "
+                     f"axis), got {shape(update)}: end the balancer chain with a gradient "
+                     "balancer or mtl_optax.sum_tasks(), or use mtl_optax.value_and_grad.")
 
 
 def _check_representation(z: Any) -> None:
@@ -99,3 +110,7 @@ def _check_representation(z: Any) -> None:
     shapes = jax.tree.map(lambda x: f"{jnp.result_type(x)}{list(jnp.shape(x))}", z)
     raise ValueError("value_and_representation_jacrev: encode must return a non-empty pytree "
                      f"of float arrays (the representation z), got {shapes}.")
+
+
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+  return [jnp.shape(x) for x in jax.tree.leaves(tree)]

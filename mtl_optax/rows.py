@@ -1,9 +1,14 @@
-"""The rows a balancer receives on the Gram-only and representation paths.
+"""The rows a balancer receives and passes on, on each of the three paths.
 
 On the stacked path a balancer receives the stacked Jacobian itself. The Gram-only path hands
 it a `GramRows` instead (the same rows, seen only through their Gram matrix), and the
 representation path a `RepresentationRows` (gradients with respect to the shared
-representation z, plus the task-specific parameters' rows).
+representation z, plus the task-specific parameters' rows). A loss balancer passes its scaled
+rows on as `StackedRows` (or `GramRows`), which no optimizer, `optax.apply_updates` or
+`pullback` accepts: rows become an update only through a gradient balancer or `sum_tasks`.
+
+The classes below name the fix in their type's repr, which is what JAX prints when a tree of
+one of them meets a tree of parameters (`pytree structure error: ... a subtree of type ...`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,52 @@ Tree = Any
 GramFn = Callable[[Tree], jax.Array]
 
 
+class _Hinted(type):
+  """A metaclass whose repr carries the class's `_hint`: JAX prints a node's type, not the
+  node, in its structure errors, so the hint reaches the user at the first wrong step."""
+
+  def __repr__(cls) -> str:
+    return f"<class 'mtl_optax.{cls.__name__}': {cls._hint}>"
+
+
+_END_THE_CHAIN = ("end the balancer chain with a gradient balancer or mtl_optax.sum_tasks() "
+                  "before an optimizer, optax.apply_updates or pullback, or use "
+                  "mtl_optax.value_and_grad, which does")
+
+
+@jax.tree_util.register_pytree_node_class
+class StackedRows(metaclass=_Hinted):
+  """K rows scaled by a loss balancer, not yet one update (the stacked and representation paths).
+
+  A pytree node with one child, `rows` (every leaf with a leading task axis K). Gradient
+  balancers and `sum_tasks` accept it like plain stacked rows; an optimizer, `apply_updates`
+  or `pullback` meets a node type that the parameters do not have and fails at trace time
+  with this class's hint, instead of broadcasting K rows against the parameters.
+  """
+  _hint = f"K stacked per-task rows, not one update: {_END_THE_CHAIN}"
+
+  def __init__(self, rows: Any):
+    self.rows = rows
+
+  def tree_flatten(self):
+    return (self.rows,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(children[0])
+
+  def __repr__(self) -> str:
+    return f"StackedRows({self.rows!r})"
+
+
+def unstack(rows: Any) -> Any:
+  """The plain stacked tree inside `StackedRows` (other rows unchanged)."""
+  return rows.rows if isinstance(rows, StackedRows) else rows
+
+
 @dataclasses.dataclass(frozen=True)
-class GramUpdate:
+class GramUpdate(metaclass=_Hinted):
   """A Gram-path balancer's output: d = sum_i w_i g_i, as the weights on the true rows g_i.
 
   Shared leaves get `shared` weights, task-specific leaves (`mask` False) `specific` weights;
@@ -32,7 +81,7 @@ class GramUpdate:
   mask: Tree
 
 
-class GramRows:
+class GramRows(metaclass=_Hinted):
   """K virtual rows r_i = sum_m coef[i, m] g_m of the true rows g_m, known through their Gram.
 
   Loss balancers scale it (coef <- diag(s) coef); Gram-based gradient balancers read
@@ -40,6 +89,9 @@ class GramRows:
   of loss and gradient balancers runs unchanged on it. `gram_fn(mask)` is called only by
   balancers that need the Gram matrix, so a chain of loss balancers never computes it.
   """
+  _hint = ("the rows of the Gram-only path, not an update: pass value_and_grad (or "
+           "value_and_reweighted_grad) the balancer alone and apply the optimizer to the "
+           "gradient it returns")
 
   def __init__(self, coef: jax.Array, gram_fn: GramFn):
     self.coef = coef
@@ -94,4 +146,4 @@ def row_like(rows: Tree) -> Tree:
     >>> print(mtl_optax.row_like({"w": jnp.ones((3, 4, 2))})["w"].shape)  # K = 3 dropped
     (4, 2)
   """
-  return jax.tree.map(lambda r: jnp.zeros(jnp.shape(r)[1:], r.dtype), rows)
+  return jax.tree.map(lambda r: jnp.zeros(r.shape[1:], r.dtype), unstack(rows))

@@ -145,49 +145,70 @@ def row_norms(stacked: Tree, axis_name: AxisName | None = None) -> jax.Array:
   return jnp.sqrt(squares if axis_name is None else jax.lax.psum(squares, axis_name))
 
 
-def resolve_mask(shared: MaskOrFn, params: Tree) -> Tree:
+def resolve_mask(shared: MaskOrFn, params: Tree, name: str = "mtl_optax") -> Tree:
   """The `shared` mask as a pytree of bools like `params` (None: every leaf is shared).
 
   On representation-path rows (`RepresentationRows`) z is shared and the task-specific rows
-  are not; a given mask must say the same.
+  are not; a given mask must say the same. A mask that does not fit `params` (other keys, a
+  callable that cannot read them) raises a `ValueError` naming `name` and `shared`.
   """
   if isinstance(params, RepresentationRows):
-    return _representation_mask(shared, params)
+    return _representation_mask(shared, params, name)
   if shared is None:
     return jax.tree.map(lambda _: True, params)
-  return shared(params) if callable(shared) else shared
+  if callable(shared):
+    try:
+      mask = shared(params)
+    except Exception as error:  # a user's function: any failure means it cannot read params
+      raise ValueError(
+          f"{name}: the shared= mask function raised {type(error).__name__}: {error}, on a "
+          f"tree of structure {jax.tree.structure(params)}; it must map the parameters to a "
+          "pytree of bools (True at shared leaves).") from error
+  else:
+    mask = shared
+  try:
+    map_masked(lambda _: None, lambda _: None, mask, params)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"{name}: the shared= mask does not match the parameters: the mask has structure "
+        f"{jax.tree.structure(mask)}, which must be a prefix of the parameters' "
+        f"{jax.tree.structure(params)}.") from error
+  return mask
 
 
-def rows_mask(shared: MaskOrFn, updates: Tree, params: Tree | None) -> Tree:
+def rows_mask(shared: MaskOrFn, updates: Tree, params: Tree | None,
+              name: str = "mtl_optax") -> Tree:
   """The mask a gradient balancer applies to `updates`, resolved on the parameters.
 
   Stacked rows: on `params` (on the rows when `params` is None). Representation rows: on the
   rows. Gram rows: on `params`, or None (the Gram matrix given is that of the shared rows).
   """
   if isinstance(updates, GramRows):
-    return None if params is None else resolve_mask(shared, params)
+    return None if params is None else resolve_mask(shared, params, name)
   if isinstance(updates, RepresentationRows) or params is None:
-    return resolve_mask(shared, updates)
-  return resolve_mask(shared, params)
+    return resolve_mask(shared, updates, name)
+  return resolve_mask(shared, params, name)
 
 
-def _representation_mask(shared: MaskOrFn, rows: RepresentationRows) -> RepresentationRows:
+def _representation_mask(shared: MaskOrFn, rows: RepresentationRows,
+                         name: str) -> RepresentationRows:
   expected = RepresentationRows(jax.tree.map(lambda _: True, rows.z),
                                 jax.tree.map(lambda _: False, rows.specific))
   if shared is None:
     return expected
-  mask = shared(rows) if callable(shared) else shared
   try:
+    mask = shared(rows) if callable(shared) else shared
     full = map_masked(lambda _: True, lambda _: False, mask, rows)
     same = (jax.tree.structure(full) == jax.tree.structure(expected)
             and jax.tree.leaves(full) == jax.tree.leaves(expected))
-  except (ValueError, TypeError):
+  except Exception:  # a mask (or mask function) written for the parameters, not these rows
     same = False
   if not same:
     raise ValueError(
-        "On the representation path the shared mask must mark z shared and the task-specific "
-        "rows not (RepresentationRows(z=True, specific=False)); build the balancer with "
-        "shared=None there.")
+        f"{name}: on the representation path the rows say what is shared (z) and what is "
+        "task-specific, so the balancer's shared= mask, written for the parameters, cannot "
+        "be applied to them: build the balancer with shared=None there (the split's own "
+        "shared= marks the encoder's parameters).")
   return expected
 
 

@@ -67,7 +67,7 @@ def aligned_mtl(num_tasks: int, scale_mode: ScaleMode = "min", *,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Senushkin et al. 2023, "Independent Component Alignment for Multi-Task Learning", CVPR,

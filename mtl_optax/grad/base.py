@@ -15,10 +15,12 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
-from mtl_optax.rows import GramRows, RepresentationRows
+from mtl_optax.rows import GramRows, RepresentationRows, unstack
+from mtl_optax.state import BalancerState
 
-# (shared_rows, state, losses, params[, axis_name=]) -> (aggregated shared tree, task-specific
-# weights or None for the plain sum, new state)
+# (shared_rows, state, losses, params[, axis_name=]) -> (aggregated shared tree, weights (K,)
+# of the update on the rows it combines, task-specific weights or None for the plain sum,
+# new state)
 AggregateFn = Callable[..., tuple[Any, jax.Array | None, Any]]
 # (gram K x K, state, losses) -> (weights of the shared rows (K,), weights of the task-specific
 # rows (K,) or None for the plain sum, new state)
@@ -26,19 +28,13 @@ GramWeightFn = Callable[[jax.Array, Any, jax.Array | None],
                         tuple[jax.Array, jax.Array | None, Any]]
 
 
-class GramBalancerState(NamedTuple):
-  """State of a Gram-based gradient balancer: the weights it used last, and its own state."""
-  weights: jax.Array  # (K,) w of the last update d = sum_i w_i g_i on the shared rows
-  inner: Any          # the method's own state
-
-
 def aggregator(
     name: str,
+    num_tasks: int,
     init_fn: Callable[[Any], Any],
     aggregate_fn: AggregateFn,
     *,
     shared: tree_lib.MaskOrFn = None,
-    num_tasks: int | None = None,
     needs_losses: bool = False,
     needs_positive: bool = False,
     extra_args: tuple[str, ...] = (),
@@ -50,14 +46,16 @@ def aggregator(
 
   Args:
     name: used in error messages.
-    init_fn: `params -> state`.
-    aggregate_fn: `(shared_rows, state, losses, params, **extra) -> (out, specific_weights,
-      state)`; `shared_rows` has None at task-specific leaves and `out` must keep them None.
+    num_tasks: K.
+    init_fn: `params -> state` (the method's own state, `BalancerState.inner`).
+    aggregate_fn: `(shared_rows, state, losses, params, **extra) -> (out, weights,
+      specific_weights, state)`; `shared_rows` has None at task-specific leaves and `out` must
+      keep them None; `weights` (K,) are the method's weights of this update on the rows it
+      combines (kept in `BalancerState.weights`).
       When `update` gets the extra argument `axis_name` (inside `shard_map`, rows split over
       those mesh axes), it is passed on as `axis_name=`, for `tree.gram(rows, axis_name=...)`.
     shared: pytree of bools like params, or a callable on params (on the stacked updates when
       `params` is not passed), True where a leaf is shared. None: every leaf is shared.
-    num_tasks: K, when the state is per task.
     needs_losses: whether `losses` must be passed.
     needs_positive: whether losses must be positive (the method takes a log).
     extra_args: names of extra keyword arguments of `update` passed on to `aggregate_fn`
@@ -67,35 +65,44 @@ def aggregator(
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters: `aggregate_fn`'s output on the
     shared leaves, sum_i v_i row_i (v = `specific_weights`, or ones) on the task-specific ones.
+    Its state is a `BalancerState` (`weights`: the last update's weights; `inner`: the
+    method's state).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, mtl_optax
     >>> def first_row(rows, state, losses, params):  # keep task 0's gradient only
-    ...   return jax.tree.map(lambda r: r[0], rows), None, state
-    >>> tx = mtl_optax.aggregator("first_row", lambda params: optax.EmptyState(), first_row)
+    ...   return jax.tree.map(lambda r: r[0], rows), jnp.array([1.0, 0.0]), None, state
+    >>> tx = mtl_optax.aggregator("first_row", 2, lambda params: optax.EmptyState(), first_row)
     >>> d, state = tx.update({"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}, tx.init(None))
-    >>> print(d["w"])
-    [1. 0.]
+    >>> print(d["w"], state.weights)
+    [1. 0.] [1. 0.]
   """
+  check_positive_int(num_tasks, f"{name}: num_tasks")
   check = _input_checker(name, shared, num_tasks, needs_losses, needs_positive)
 
+  def init(params):
+    return BalancerState(jnp.ones((num_tasks,), tree_lib.weight_dtype(params)), init_fn(params))
+
   def update(updates, state, params=None, *, losses=None, axis_name=None, **extra):
+    updates = unstack(updates)
     if isinstance(updates, GramRows):
       raise ValueError(
           f"{name} is not Gram-based (its update is not sum_i w_i g_i with w from the Gram "
-          "matrix), so it cannot run on the Gram-only path: use the stacked Jacobian "
-          "(value_and_jacrev) or the representation path.")
+          "matrix), so it cannot run on the Gram-only path: use the stacked or the "
+          "representation path.")
     k, losses, mask = check(updates, params, losses)
     shared_rows, specific_rows = tree_lib.split(updates, mask)
     sharded = {} if axis_name is None else {"axis_name": axis_name}
-    out, specific_weights, state = aggregate_fn(shared_rows, state, losses, params, **sharded,
-                                                **{n: extra.get(n) for n in extra_args})
+    out, weights, specific_weights, inner = aggregate_fn(
+        shared_rows, state.inner, losses, params, **sharded,
+        **{n: extra.get(n) for n in extra_args})
     if specific_weights is None:
       specific_weights = jnp.ones((k,), jnp.float32)
     specific = tree_lib.combine(specific_weights, specific_rows)
-    return tree_lib.merge(out, specific, mask), state
+    weights = jnp.broadcast_to(weights, (k,)).astype(state.weights.dtype)
+    return tree_lib.merge(out, specific, mask), BalancerState(weights, inner)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _input_checker(name: str, shared: tree_lib.MaskOrFn, num_tasks: int | None,
@@ -105,7 +112,7 @@ def _input_checker(name: str, shared: tree_lib.MaskOrFn, num_tasks: int | None,
     k = tree_lib.num_tasks(updates, num_tasks, name)
     if needs_losses or losses is not None:
       losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
-    return k, losses, tree_lib.rows_mask(shared, updates, params)
+    return k, losses, tree_lib.rows_mask(shared, updates, params, name)
   return check
 
 
@@ -125,7 +132,7 @@ def gram_aggregator(
   One definition for the three paths: on stacked or representation rows M is a sum of
   per-leaf contractions over the shared leaves and d is formed from the rows; on the Gram-only
   path (`GramRows`) M comes from the path and the weights go back to it. The weights used are
-  kept in the state (`GramBalancerState.weights`, `optax.tree.get(state, "weights")`). Inside
+  kept in the state (`BalancerState.weights`; `effective_weights` along a chain). Inside
   `shard_map`, the extra argument `axis_name` of `update` sums M over the mesh axes the rows are
   split over (`tree.gram`), so every device solves for the same w; the Gram-only path's M is
   already that of the whole rows.
@@ -133,7 +140,7 @@ def gram_aggregator(
   Args:
     name: used in error messages.
     num_tasks: K.
-    init_fn: `params -> state` of the method (`GramBalancerState.inner`).
+    init_fn: `params -> state` of the method (`BalancerState.inner`).
     weight_fn: `(M, state, losses) -> (w, v, state)`: shared leaves get sum_i w_i row_i,
       task-specific leaves sum_i v_i row_i (v None: the plain sum).
     shared, needs_losses, needs_positive: as for `aggregator`.
@@ -146,7 +153,7 @@ def gram_aggregator(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf), or `GramRows` on the Gram-only path, to one gradient shaped like the
-    parameters (a `GramUpdate` on the Gram-only path); its state is a `GramBalancerState`.
+    parameters (a `GramUpdate` on the Gram-only path); its state is a `BalancerState`.
 
   Example:
     >>> import jax.numpy as jnp, optax, mtl_optax
@@ -158,32 +165,23 @@ def gram_aggregator(
     [1. 1.] [0.5  0.25]
   """
   check_positive_int(num_tasks, f"{name}: num_tasks")
-  checks = dict(shared=shared, num_tasks=num_tasks, needs_losses=needs_losses,
-                needs_positive=needs_positive)
-  check = _input_checker(name, **checks)
-
-  def init(params):
-    return GramBalancerState(jnp.ones((num_tasks,), tree_lib.weight_dtype(params)),
-                             init_fn(params))
-
-  def weigh(gram, state, losses):
-    weights, specific_weights, inner = weight_fn(gram, state.inner, losses)
-    return weights, specific_weights, GramBalancerState(weights.astype(state.weights.dtype), inner)
+  checks = dict(shared=shared, needs_losses=needs_losses, needs_positive=needs_positive)
+  check = _input_checker(name, num_tasks=num_tasks, **checks)
 
   def sample_gram(samples, params):
     """C = G_a G_b^T over the shared leaves of the two sample Jacobians."""
     jac_a, jac_b = check_samples(name, samples, num_tasks)
-    mask = tree_lib.rows_mask(shared, jac_a, params)
+    mask = tree_lib.rows_mask(shared, jac_a, params, name)
     return tree_lib.gram(tree_lib.split(jac_a, mask)[0], tree_lib.split(jac_b, mask)[0])
 
   def aggregate(shared_rows, state, losses, params, sample_jacobians=None, axis_name=None):
     gram = (tree_lib.gram(shared_rows, axis_name=axis_name) if sample_jacobians is None
             else sample_gram(sample_jacobians, params))
-    weights, specific_weights, state = weigh(gram, state, losses)
-    return tree_lib.combine(weights, shared_rows), specific_weights, state
+    weights, specific_weights, state = weight_fn(gram, state, losses)
+    return tree_lib.combine(weights, shared_rows), weights, specific_weights, state
 
   extra_args = ("sample_jacobians",) if cross_gram else ()
-  on_rows = aggregator(name, init, aggregate, extra_args=extra_args, **checks)
+  on_rows = aggregator(name, num_tasks, init_fn, aggregate, extra_args=extra_args, **checks)
 
   def update(updates, state, params=None, *, losses=None, **extra):
     if not isinstance(updates, GramRows):
@@ -191,10 +189,11 @@ def gram_aggregator(
     _, losses, mask = check(updates, params, losses)
     samples = extra.get("sample_jacobians") if cross_gram else None
     gram = updates.gram(mask) if samples is None else sample_gram(samples, params)
-    weights, specific_weights, state = weigh(gram, state, losses)
-    return updates.combine(weights, specific_weights, mask), state
+    weights, specific_weights, inner = weight_fn(gram, state.inner, losses)
+    new_state = BalancerState(weights.astype(state.weights.dtype), inner)
+    return updates.combine(weights, specific_weights, mask), new_state
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return optax.GradientTransformationExtraArgs(on_rows.init, update)
 
 
 def check_samples(name: str, samples: Any, num_tasks: int) -> tuple[Any, Any]:
@@ -221,35 +220,61 @@ def clip_weights(weights: jax.Array, gram: jax.Array, max_norm: float) -> jax.Ar
   return jnp.where(jnp.asarray(max_norm) > 0, clipped, weights)
 
 
-def shared_zeros(params: Any, num_tasks: int, shared: tree_lib.MaskOrFn) -> Any:
+def shared_zeros(params: Any, num_tasks: int, shared: tree_lib.MaskOrFn,
+                 name: str = "mtl_optax") -> Any:
   """Zeros shaped like the stacked shared rows (K, *leaf.shape), None at task-specific leaves.
 
   The initial state of balancers that keep per-task gradient buffers (EMAs).
   """
-  shared_params, _ = tree_lib.split(params, tree_lib.resolve_mask(shared, params))
+  shared_params, _ = tree_lib.split(params, tree_lib.resolve_mask(shared, params, name))
   return jax.tree.map(
       lambda p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)), shared_params)
 
 
+def check_buffers(name: str, buffers: Any, rows: Any) -> None:
+  """Raises at trace time unless per-task buffers in a state fit the shared rows received.
+
+  A state initialized for one path (`init(params)`) and used on another (the representation
+  path's z-rows) would otherwise fail deep inside a tree map.
+  """
+  shape = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+  if (jax.tree.structure(buffers) != jax.tree.structure(rows)
+      or _shapes(buffers) != _shapes(rows)):
+    raise ValueError(
+        f"{name}: its state holds per-task buffers shaped {shape(buffers)}, but it received "
+        f"rows shaped {shape(rows)}: the state was initialized for another path or model. "
+        "Initialize it from what update receives: balancer.init(params) on the stacked and "
+        "Gram-only paths, balancer.init(mtl_optax.row_like(rows)) on the representation "
+        "path; mtl_optax.value_and_grad(...).init does this for every path.")
+
+
 def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransformationExtraArgs:
+  """The same weight scale(K) on every row; the state keeps it as a scalar (K is unknown at
+  `init`)."""
+  def init(params):
+    return BalancerState(jnp.ones([], tree_lib.weight_dtype(params)), optax.EmptyState())
+
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
+    updates = unstack(updates)
     k = tree_lib.num_tasks(updates, name=name)
     weights = jnp.full((k,), scale(k))
+    new_state = BalancerState(jnp.asarray(scale(k), state.weights.dtype), state.inner)
     if isinstance(updates, GramRows):
-      return updates.combine(weights.astype(updates.coef.dtype), None, None), state
+      return updates.combine(weights.astype(updates.coef.dtype), None, None), new_state
     # A product with the weights, not x.sum(0): on a stacked Jacobian XLA's CPU backend ran
     # the sum over the leading axis 2.2x slower (a six-layer 512-wide MLP, K = 3).
-    return tree_lib.combine(weights, updates), state
-  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+    return tree_lib.combine(weights, updates), new_state
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def sum_tasks() -> optax.GradientTransformationExtraArgs:
   """Sum of the (possibly reweighted) rows: equal weighting, or the end of any loss balancer.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` (stateless) from stacked per-task gradients
-    (leading axis K on every leaf) to their sum over the task axis, shaped like the parameters.
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis
+    K on every leaf) to their sum over the task axis, shaped like the parameters; its state
+    is a `BalancerState` whose `weights` is the scalar 1.
 
   Example:
     >>> import jax.numpy as jnp, mtl_optax
@@ -265,8 +290,9 @@ def mean_tasks() -> optax.GradientTransformationExtraArgs:
   """Mean of the rows: equal weighting with weights 1/K.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` (stateless) from stacked per-task gradients
-    (leading axis K on every leaf) to their mean over the task axis, shaped like the parameters.
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis
+    K on every leaf) to their mean over the task axis, shaped like the parameters; its state
+    is a `BalancerState` whose `weights` is the scalar 1/K (1 before the first update).
 
   Example:
     >>> import jax.numpy as jnp, mtl_optax
@@ -276,3 +302,7 @@ def mean_tasks() -> optax.GradientTransformationExtraArgs:
     [0.25 1.  ]
   """
   return _reduce("mean_tasks", lambda k: 1.0 / k)
+
+
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+  return [jnp.shape(x) for x in jax.tree.leaves(tree)]

@@ -130,7 +130,7 @@ def cagrad(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS,

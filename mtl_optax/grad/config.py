@@ -85,7 +85,7 @@ def config(num_tasks: int, *, pref_vector: np.typing.ArrayLike | None = None,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Liu, Chu, Thuerey 2025, "ConFIG: Towards Conflict-free Training of Physics Informed

@@ -26,7 +26,7 @@ def constant(weights: np.typing.ArrayLike, *,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the weights.
+    `BalancerState` holding the weights.
 
   References:
     torchjd, `torchjd.aggregation.Constant` (https://github.com/TorchJD/torchjd).

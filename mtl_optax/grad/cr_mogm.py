@@ -84,7 +84,7 @@ def cr_mogm(num_tasks: int, weighting: Weighting, *, beta: float = 0.9,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around a `CRMOGMState`.
+    `BalancerState` around a `CRMOGMState`.
 
   References:
     Zhou, Zhang, Jiang, Zhong, Gu, Zhu 2022, "On the Convergence of Stochastic Multi-Objective

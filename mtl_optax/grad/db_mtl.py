@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import aggregator, shared_zeros
+from mtl_optax.grad.base import aggregator, check_buffers, shared_zeros
 from mtl_optax.checks import check_positive_int
 from mtl_optax.loss.scale import log_losses
 
@@ -31,15 +31,16 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
   correction, ghat starts at 0); u_i = ||ghat_i||, d = max_j u_j sum_i ghat_i / (u_i + 1e-8).
   All-zero gradients give d = 0. Task-specific leaves get grad sum_i log(L_i + eps).
 
-  The one-call API is `optax.chain(log_losses(eps), <gradient part>)` (needs positive
-  `losses`); `log_transform=False` returns the gradient part alone, for rows that another
-  loss balancer chained before it has already transformed.
+  The one-call API is `optax.chain(log_losses(num_tasks, eps), <gradient part>)` (needs
+  positive `losses`); `log_transform=False` returns the gradient part alone, for rows that
+  another loss balancer chained before it has already transformed.
 
   Args:
     num_tasks: K.
     beta: the EMA rate, beta_k = beta / k^beta_sigma.
     beta_sigma: its decay exponent (0: a constant rate).
-    log_transform: chain `log_losses(eps)` in front (the full method; needs `losses`).
+    log_transform: chain `log_losses(num_tasks, eps)` in front (the full method; needs
+      `losses`).
     eps: the eps of log(L_i + eps).
     shared: the shared parameters: a pytree of bools like the parameters (a prefix is
       enough) or a callable on them; None: every leaf is shared.
@@ -47,7 +48,8 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters: with `log_transform`, the chain
-    of `log_losses` and the gradient part, whose state is a `DBMTLState`.
+    of `log_losses` and the gradient part, whose state is a `BalancerState` around a
+    `DBMTLState`; its `weights` are max_j u_j / (u_i + 1e-8), on the EMA rows ghat_i.
 
   References:
     Lin et al. 2023, "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029, Alg. 1 and
@@ -64,16 +66,18 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
   check_positive_int(num_tasks, "db_mtl: num_tasks")
 
   def init(params):
-    return DBMTLState(jnp.zeros([], jnp.int32), shared_zeros(params, num_tasks, shared))
+    return DBMTLState(jnp.zeros([], jnp.int32),
+                      shared_zeros(params, num_tasks, shared, "db_mtl"))
 
   def aggregate(rows, state, losses, params, axis_name=None):
     del losses, params
+    check_buffers("db_mtl", state.grads, rows)
     beta_k = beta / (state.count + 1).astype(jnp.float32)**beta_sigma
     grads = optax.tree.cast_like(optax.tree.update_moment(rows, state.grads, beta_k, 1),
                                  state.grads)
     norms = tree_lib.row_norms(grads, axis_name=axis_name)
     weights = norms.max() / (norms + _EPS)
-    return tree_lib.combine(weights, grads), None, DBMTLState(state.count + 1, grads)
+    return tree_lib.combine(weights, grads), weights, None, DBMTLState(state.count + 1, grads)
 
-  balancer = aggregator("db_mtl", init, aggregate, shared=shared, num_tasks=num_tasks)
-  return optax.chain(log_losses(eps), balancer) if log_transform else balancer
+  balancer = aggregator("db_mtl", num_tasks, init, aggregate, shared=shared)
+  return optax.chain(log_losses(num_tasks, eps), balancer) if log_transform else balancer

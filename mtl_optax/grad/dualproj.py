@@ -96,7 +96,7 @@ def dualproj(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning", NeurIPS,

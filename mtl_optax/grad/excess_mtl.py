@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import aggregator, shared_zeros
+from mtl_optax.grad.base import aggregator, check_buffers, shared_zeros
 
 
 class ExcessMTLState(NamedTuple):
@@ -50,8 +50,8 @@ def excess_mtl(
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
-    on every leaf) to one gradient shaped like the parameters; its state is an
-    `ExcessMTLState`.
+    on every leaf) to one gradient shaped like the parameters; its state is a `BalancerState`
+    (`weights`: the last w) around an `ExcessMTLState`.
 
   References:
     He et al. 2024, "Robust Multi-Task Learning with Excess Risks", ICML, arXiv:2402.02009,
@@ -64,7 +64,7 @@ def excess_mtl(
     >>> state = tx.init({"w": jnp.zeros(2)})
     >>> d, state = tx.update(jac, state)  # first step: w = 1
     >>> d, state = tx.update({"w": jnp.array([[2.0, 0.0], [-0.5, 2.0]])}, state)
-    >>> print(np.asarray(2 * jax.nn.softmax(state.log_weights)).round(3))
+    >>> print(np.asarray(state.weights).round(3))
     [1.264 0.736]
   """
   if isinstance(robust_step_size, numbers.Real) and not robust_step_size > 0:
@@ -75,12 +75,13 @@ def excess_mtl(
   def init(params):
     dtype = tree_lib.weight_dtype(params)
     sums = jax.tree.map(lambda z: z.astype(jnp.promote_types(z.dtype, jnp.float32)),
-                        shared_zeros(params, num_tasks, shared))
+                        shared_zeros(params, num_tasks, shared, "excess_mtl"))
     return ExcessMTLState(jnp.zeros([], jnp.int32), sums, jnp.zeros((num_tasks,), dtype),
                           jnp.zeros((num_tasks,), dtype))
 
   def aggregate(rows, state, losses, params, axis_name=None):
     del losses, params
+    check_buffers("excess_mtl", state.grad_sq_sum, rows)
     sums = jax.tree.map(lambda s, r: s + jnp.square(r.astype(s.dtype)), state.grad_sq_sum, rows)
     per_leaf = jax.tree.map(
         lambda s, r: jnp.sum(jnp.square(r.astype(s.dtype)) / jnp.sqrt(s + eps),
@@ -98,6 +99,6 @@ def excess_mtl(
                             jax.nn.log_softmax(state.log_weights + robust_step_size * ratio))
     weights = num_tasks * jax.nn.softmax(log_weights)
     new_state = ExcessMTLState(state.count + 1, sums, first_risk, log_weights.astype(dtype))
-    return tree_lib.combine(weights, rows), weights, new_state
+    return tree_lib.combine(weights, rows), weights, weights, new_state
 
-  return aggregator("excess_mtl", init, aggregate, shared=shared, num_tasks=num_tasks)
+  return aggregator("excess_mtl", num_tasks, init, aggregate, shared=shared)

@@ -77,7 +77,7 @@ def fairgrad(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Ban & Ji 2024, "Fair Resource Allocation in Multi-Task Learning", ICML,

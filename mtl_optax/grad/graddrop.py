@@ -33,9 +33,8 @@ def graddrop_leaf(rows: jax.Array, key: jax.Array, leak: jax.Array) -> jax.Array
   return ((leak + (1.0 - leak) * keep) * rows).sum(0)
 
 
-def graddrop(leak: float | jax.Array = 0.0, *, key: jax.Array | int,
-             shared: tree_lib.MaskOrFn = None,
-             num_tasks: int | None = None) -> optax.GradientTransformationExtraArgs:
+def graddrop(num_tasks: int, leak: float | jax.Array = 0.0, *, key: jax.Array | int,
+             shared: tree_lib.MaskOrFn = None) -> optax.GradientTransformationExtraArgs:
   """GradDrop: per entry, keep only the rows whose sign a random draw picks, then sum.
 
   Chen et al. 2020, Alg. 1, applied to the parameter gradients entry by entry (as torchjd does;
@@ -44,16 +43,17 @@ def graddrop(leak: float | jax.Array = 0.0, *, key: jax.Array | int,
   draw per leaf every step, from the key in the state. Task-specific leaves get the plain sum.
 
   Args:
+    num_tasks: K.
     leak: a float or `(K,)` floats, the fraction of each row always let through.
     key: PRNG key or int seed of the per-entry draws.
     shared: the shared parameters: a pytree of bools like the parameters (a prefix is
       enough) or a callable on them; None: every leaf is shared.
-    num_tasks: K, checked against the rows when given.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
-    on every leaf) to one gradient shaped like the parameters; its state is a `GradDropState`
-    (the key).
+    on every leaf) to one gradient shaped like the parameters; its state is a `BalancerState`
+    around a `GradDropState` (the key), whose `weights` are ones (each row enters with
+    coefficient 1 on the entries it keeps).
 
   References:
     Chen et al. 2020, "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
@@ -61,7 +61,7 @@ def graddrop(leak: float | jax.Array = 0.0, *, key: jax.Array | int,
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax
-    >>> tx = mtl_optax.graddrop(key=0)
+    >>> tx = mtl_optax.graddrop(2, key=0)
     >>> jac = {"w": jnp.array([[1.0, 0.0], [-0.5, 2.0]])}  # K = 2 stacked gradients
     >>> d, state = tx.update(jac, tx.init({"w": jnp.zeros(2)}), losses=jnp.array([1.0, 2.0]))
     >>> print(float(d["w"][0]) in (1.0, -0.5), float(d["w"][1]))  # one sign kept per entry
@@ -82,7 +82,7 @@ def graddrop(leak: float | jax.Array = 0.0, *, key: jax.Array | int,
     keys = jax.random.split(sub, len(leaves))
     out = [graddrop_leaf(leaf, leaf_key, leak.astype(leaf.dtype))
            for leaf, leaf_key in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, out), None, GradDropState(key)
+    return jax.tree.unflatten(treedef, out), jnp.ones((num_tasks,)), None, GradDropState(key)
 
-  return aggregator("graddrop", lambda params: GradDropState(as_key(key)), aggregate,
-                    shared=shared, num_tasks=num_tasks)
+  return aggregator("graddrop", num_tasks, lambda params: GradDropState(as_key(key)), aggregate,
+                    shared=shared)

@@ -59,7 +59,7 @@ def gradnorm(num_tasks: int, alpha: float = 1.5,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around a `GradNormState` (loss weights, L_i(0), count).
+    `BalancerState` around a `GradNormState` (loss weights, L_i(0), count).
 
   References:
     Chen et al. 2018, "GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep

@@ -95,7 +95,7 @@ def gradvac(num_tasks: int, beta: float = 0.5, *, key: jax.Array | int,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around a `GradVacState` (key, targets).
+    `BalancerState` around a `GradVacState` (key, targets).
 
   References:
     Wang et al. 2021, "Gradient Vaccine: Investigating and Improving Multi-task Optimization

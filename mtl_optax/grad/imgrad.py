@@ -126,7 +126,7 @@ def imgrad(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Zhou et al. 2025, "Injecting Imbalance Sensitivity for Multi-Task Learning", IJCAI,
@@ -217,7 +217,7 @@ def imgrad_nash(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around a `NashMTLState` (step count, last alpha).
+    `BalancerState` around a `NashMTLState` (step count, last alpha).
 
   References:
     Zhou et al. 2025, "Injecting Imbalance Sensitivity for Multi-Task Learning", IJCAI,

@@ -63,7 +63,7 @@ def imtl_g(num_tasks: int, *,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Liu et al. 2021, "Towards Impartial Multi-task Learning", ICLR 2021 (no arXiv version;

@@ -113,7 +113,7 @@ def mgda(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import aggregator, shared_zeros
+from mtl_optax.grad.base import aggregator, check_buffers, shared_zeros
 from mtl_optax.checks import check_choice, check_positive_int
 
 _EPS = 1e-8  # LibMTL's guard when normalizing the rows
@@ -51,8 +51,9 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
-    on every leaf) to one gradient shaped like the parameters; its state is a `MoCoState`
-    (count, tracked gradients, lambda).
+    on every leaf) to one gradient shaped like the parameters; its state is a `BalancerState`
+    (`weights`: lambda, on the tracked gradients) around a `MoCoState` (count, tracked
+    gradients, lambda).
 
   References:
     Fernando et al. 2023, "Mitigating Gradient Bias in Multi-objective Learning: A Provably
@@ -72,11 +73,13 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
                 else optax.projections.projection_simplex)
 
   def init(params):
-    return MoCoState(jnp.zeros([], jnp.int32), shared_zeros(params, num_tasks, shared),
+    return MoCoState(jnp.zeros([], jnp.int32),
+                     shared_zeros(params, num_tasks, shared, "moco"),
                      jnp.full((num_tasks,), 1.0 / num_tasks, tree_lib.weight_dtype(params)))
 
   def aggregate(rows, state, losses, params, axis_name=None):
     del params
+    check_buffers("moco", state.tracking, rows)
     step = (state.count + 1).astype(jnp.float32)
     if normalize:
       norms = tree_lib.row_norms(rows, axis_name=axis_name)
@@ -86,8 +89,7 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
         optax.tree.update_moment(rows, state.tracking, 1.0 - beta_k, 1), state.tracking)
     gram = tree_lib.gram(tracking, axis_name=axis_name) + rho * jnp.eye(num_tasks)
     weights = to_simplex(state.weights - gamma / step**gamma_sigma * gram @ state.weights)
-    return (tree_lib.combine(weights, tracking), None,
+    return (tree_lib.combine(weights, tracking), weights, None,
             MoCoState(state.count + 1, tracking, weights))
 
-  return aggregator("moco", init, aggregate, shared=shared, num_tasks=num_tasks,
-                    needs_losses=normalize)
+  return aggregator("moco", num_tasks, init, aggregate, shared=shared, needs_losses=normalize)

@@ -78,7 +78,7 @@ def modo(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around a `MoDoState`.
+    `BalancerState` around a `MoDoState`.
 
   References:
     Chen et al. 2023, "Three-Way Trade-Off in Multi-Objective Learning: Optimization,

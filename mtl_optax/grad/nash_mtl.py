@@ -84,7 +84,7 @@ def nash_mtl(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around a `NashMTLState` (step count, last alpha).
+    `BalancerState` around a `NashMTLState` (step count, last alpha).
 
   References:
     Navon et al. 2022, "Multi-Task Learning as a Bargaining Game", ICML, arXiv:2202.01017,

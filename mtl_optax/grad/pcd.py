@@ -194,7 +194,7 @@ def pcd(num_tasks: int, *, tau: TauLike = 0.02, beta: float = 0.999, eps: float 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around a `PCDState`.
+    `BalancerState` around a `PCDState`.
 
   References:
     Varam & AlHajri 2026, "Not All Objectives Are Born Equal: Priority-Constrained Descent for

@@ -79,7 +79,7 @@ def pcgrad(num_tasks: int, *, key: jax.Array | int,
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around a `PCGradState`.
+    `BalancerState` around a `PCGradState`.
 
   References:
     Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", NeurIPS, arXiv:2001.06782,

@@ -88,7 +88,7 @@ def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1, *, score: st
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Blanchard, El Mhamdi, Guerraoui, Stainer 2017, "Machine Learning with Adversaries:
@@ -130,8 +130,9 @@ def trimmed_mean(num_tasks: int, trim_number: int, *,
       enough) or a callable on them; None: every leaf is shared.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` (stateless) from stacked per-task gradients
-    (leading axis K on every leaf) to one gradient shaped like the parameters.
+    An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis
+    K on every leaf) to one gradient shaped like the parameters; its state's `weights` are
+    1 / (K - 2 b) (each kept entry's weight in the mean).
 
   References:
     Yin, Chen, Ramchandran, Bartlett 2018, "Byzantine-Robust Distributed Learning: Towards
@@ -154,7 +155,8 @@ def trimmed_mean(num_tasks: int, trim_number: int, *,
 
   def aggregate(shared_rows, state, losses, params, axis_name=None):
     del losses, params, axis_name  # coordinate-wise: rows split over devices need nothing more
-    return jax.tree.map(lambda r: jnp.sort(r, axis=0)[keep].mean(axis=0), shared_rows), None, state
+    out = jax.tree.map(lambda r: jnp.sort(r, axis=0)[keep].mean(axis=0), shared_rows)
+    return out, jnp.full((num_tasks,), 1.0 / (keep.stop - keep.start)), None, state
 
-  return aggregator("trimmed_mean", lambda params: optax.EmptyState(), aggregate,
-                    shared=shared, num_tasks=num_tasks)
+  return aggregator("trimmed_mean", num_tasks, lambda params: optax.EmptyState(), aggregate,
+                    shared=shared)

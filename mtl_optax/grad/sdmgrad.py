@@ -100,7 +100,7 @@ def sdmgrad(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` around an `SDMGradState`.
+    `BalancerState` around an `SDMGradState`.
 
   References:
     Xiao et al. 2023, "Direction-oriented Multi-objective Learning: Simple and Provable

@@ -78,7 +78,7 @@ def upgrad(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `GramBalancerState` holding the last weights.
+    `BalancerState` holding the last weights.
 
   References:
     Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization",

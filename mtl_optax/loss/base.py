@@ -10,6 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
+from mtl_optax.checks import check_positive_int
+from mtl_optax.rows import GramRows, StackedRows, unstack
+from mtl_optax.state import BalancerState
 
 WeightFn = Callable[..., tuple[jax.Array, Any]]  # (losses, state, **extra) -> (s, state)
 
@@ -24,10 +27,11 @@ def positive(losses: jax.Array) -> jax.Array:
 
 def reweighter(
     name: str,
+    num_tasks: int,
     init_fn: Callable[[], Any],
     weight_fn: WeightFn,
     *,
-    num_tasks: int | None = None,
+    needs_losses: bool = True,
     needs_positive: bool = False,
     extra_args: tuple[str, ...] = (),
 ) -> optax.GradientTransformationExtraArgs:
@@ -35,35 +39,44 @@ def reweighter(
 
   Args:
     name: used in error messages.
-    init_fn: returns the initial state.
-    weight_fn: `(losses, state, **extra) -> (s, new_state)`, s of shape `(K,)`.
-    num_tasks: K, when the state is per task (checked against every leaf).
+    num_tasks: K (checked against every leaf).
+    init_fn: returns the method's initial state.
+    weight_fn: `(losses, state, **extra) -> (s, new_state)`, s of shape `(K,)`; `losses` is
+      None when `needs_losses` is False and none were passed.
+    needs_losses: whether `update` must be given `losses`.
     needs_positive: the balancer takes log(L_i); concrete non-positive losses raise.
     extra_args: names of extra keyword arguments passed on to `weight_fn` (None if absent).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
-    gradients (leading axis K on every leaf) to the same rows scaled by s_i; its state is
-    `init_fn()`'s.
+    gradients (leading axis K on every leaf) to the same rows scaled by s_i, as
+    `StackedRows` (or `GramRows` on the Gram-only path): a gradient balancer or `sum_tasks`
+    must follow. Its state is a `BalancerState` (`weights`: the last s; `inner`:
+    `init_fn()`'s state).
 
   Example:
     >>> import jax.numpy as jnp, optax, mtl_optax
     >>> inverse = lambda losses, state: (1.0 / losses, state)  # s_i = 1 / L_i
-    >>> tx = mtl_optax.reweighter("inverse", optax.EmptyState, inverse)
+    >>> tx = mtl_optax.reweighter("inverse", 2, optax.EmptyState, inverse)
     >>> jac = {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(None), losses=jnp.array([1.0, 4.0]))
-    >>> print(rows["w"][:, 0])
-    [1.   0.25]
+    >>> print(rows.rows["w"][:, 0], state.weights)
+    [1.   0.25] [1.   0.25]
   """
+  check_positive_int(num_tasks, f"{name}: num_tasks")
+
   def init(params):
-    del params
-    return init_fn()
+    return BalancerState(jnp.ones((num_tasks,), tree_lib.weight_dtype(params)), init_fn())
 
   def update(updates, state, params=None, *, losses=None, **extra):
     del params
-    k = tree_lib.num_tasks(updates, num_tasks, name)
-    losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
-    weights, state = weight_fn(losses, state, **{n: extra.get(n) for n in extra_args})
-    return tree_lib.scale_rows(weights, updates), state
+    rows = unstack(updates)
+    k = tree_lib.num_tasks(rows, num_tasks, name)
+    if needs_losses or losses is not None:
+      losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
+    weights, inner = weight_fn(losses, state.inner, **{n: extra.get(n) for n in extra_args})
+    scaled = tree_lib.scale_rows(weights, rows)
+    out = scaled if isinstance(scaled, GramRows) else StackedRows(scaled)
+    return out, BalancerState(weights.astype(state.weights.dtype), inner)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -45,7 +45,7 @@ def dwa(num_tasks: int, steps_per_epoch: int,
     >>> tx = mtl_optax.dwa(2, steps_per_epoch=10)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # 1 in epochs 0 and 1
+    >>> print(np.asarray(state.weights).round(3))  # 1 in epochs 0 and 1
     [1. 1.]
   """
   num_tasks = check_positive_int(num_tasks, "dwa: num_tasks")
@@ -69,4 +69,4 @@ def dwa(num_tasks: int, steps_per_epoch: int,
     )
     return w, new_state
 
-  return reweighter("dwa", init, weights, num_tasks=num_tasks)
+  return reweighter("dwa", num_tasks, init, weights)

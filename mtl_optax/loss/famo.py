@@ -66,7 +66,7 @@ def famo(
     >>> tx = mtl_optax.famo(2)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # z uniform: s = (1/L) / sum(1/L)
+    >>> print(np.asarray(state.weights).round(3))  # z uniform: s = (1/L) / sum(1/L)
     [0.667 0.333]
   """
   num_tasks = check_positive_int(num_tasks, "famo: num_tasks")
@@ -105,5 +105,5 @@ def famo(
     new_state = FAMOState(state.count + 1, logits, opt_state, losses.astype(jnp.float32))
     return ratio / jnp.sum(ratio), new_state
 
-  return reweighter("famo", init, weights, num_tasks=num_tasks,
+  return reweighter("famo", num_tasks, init, weights,
                     extra_args=("post_step_losses",))

@@ -64,7 +64,7 @@ def igb_v1(num_tasks: int, steps_per_epoch: int) -> optax.GradientTransformation
     >>> tx = mtl_optax.igb_v1(2, steps_per_epoch=10)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # 1 / L_i before epoch 3
+    >>> print(np.asarray(state.weights).round(3))  # 1 / L_i before epoch 3
     [1.  0.5]
   """
   num_tasks = check_positive_int(num_tasks, "igb_v1: num_tasks")
@@ -77,5 +77,5 @@ def igb_v1(num_tasks: int, steps_per_epoch: int) -> optax.GradientTransformation
                     num_tasks * jax.nn.softmax(gap), 1.0)
     return lam / losses, base_loss_update(state, losses, steps_per_epoch)
 
-  return reweighter("igb_v1", lambda: base_loss_init(num_tasks), weights,
-                    num_tasks=num_tasks, needs_positive=True)
+  return reweighter("igb_v1", num_tasks, lambda: base_loss_init(num_tasks), weights,
+                    needs_positive=True)

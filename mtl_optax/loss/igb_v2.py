@@ -113,7 +113,7 @@ def igb_v2(
     >>> tx = mtl_optax.igb_v2(2, steps_per_epoch=10, key=0, buffer_size=8, batch_size=4)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(rows["w"].shape)  # rows scaled by RLW weights / L_i before epoch 5
+    >>> print(rows.rows["w"].shape)  # rows scaled by RLW weights / L_i before epoch 5
     (2, 3)
   """
   check_positive_int(num_tasks, "igb_v2: num_tasks")
@@ -161,4 +161,4 @@ def igb_v2(
                            key, agent_state)
     return w / positive(losses), new_state
 
-  return reweighter("igb_v2", init, weights, num_tasks=num_tasks, needs_positive=True)
+  return reweighter("igb_v2", num_tasks, init, weights, needs_positive=True)

@@ -38,7 +38,7 @@ def _learned_scale(
     step, opt_state = optimizer.update(grad(s, losses), state.opt_state, s)
     return weight(s), LearnedScaleState(optax.apply_updates(s, step), opt_state)
 
-  return reweighter(name, init, weights, num_tasks=num_tasks)
+  return reweighter(name, num_tasks, init, weights)
 
 
 def uw(num_tasks: int, learning_rate: optax.ScalarOrSchedule = 1e-3,
@@ -67,7 +67,7 @@ def uw(num_tasks: int, learning_rate: optax.ScalarOrSchedule = 1e-3,
     >>> tx = mtl_optax.uw(2)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # exp(0.5)
+    >>> print(np.asarray(state.weights).round(3))  # exp(0.5)
     [1.649 1.649]
   """
   return _learned_scale(
@@ -102,7 +102,7 @@ def imtl_l(num_tasks: int, learning_rate: optax.ScalarOrSchedule = 1e-3,
     >>> tx = mtl_optax.imtl_l(2)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # exp(0)
+    >>> print(np.asarray(state.weights).round(3))  # exp(0)
     [1. 1.]
   """
   return _learned_scale(

@@ -20,12 +20,14 @@ def random_weights(key: jax.Array, k: int, scale: float) -> jax.Array:
   return scale * jax.nn.softmax(jax.random.normal(key, (k,)))
 
 
-def rlw(scale: float = 1.0, *, key: jax.Array | int) -> optax.GradientTransformationExtraArgs:
+def rlw(num_tasks: int, scale: float = 1.0, *,
+        key: jax.Array | int) -> optax.GradientTransformationExtraArgs:
   """RLW: fresh weights scale * softmax(N(0, I)) every step (Lin et al. 2022, TMLR).
 
   `scale=1` follows LibMTL; the IGB paper uses `scale=K`.
 
   Args:
+    num_tasks: K.
     scale: the weights' sum (K: mean weight 1).
     key: PRNG key or int seed of the draws.
 
@@ -40,13 +42,14 @@ def rlw(scale: float = 1.0, *, key: jax.Array | int) -> optax.GradientTransforma
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax
-    >>> tx = mtl_optax.rlw(key=0)
+    >>> tx = mtl_optax.rlw(2, key=0)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
-    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).sum().round(3))  # random s, summing to scale
+    >>> rows, state = tx.update(jac, tx.init(params))
+    >>> print(np.asarray(state.weights).sum().round(3))  # random s, summing to scale
     1.0
   """
   def weights(losses, state):
     key, sub = jax.random.split(state.key)
-    return random_weights(sub, losses.shape[0], scale), RLWState(key)
-  return reweighter("rlw", lambda: RLWState(as_key(key)), weights)
+    return random_weights(sub, num_tasks, scale), RLWState(key)
+  return reweighter("rlw", num_tasks, lambda: RLWState(as_key(key)), weights,
+                    needs_losses=False)

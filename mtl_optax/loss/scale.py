@@ -8,8 +8,11 @@ import optax
 from mtl_optax.loss.base import positive, reweighter
 
 
-def equal_weights() -> optax.GradientTransformationExtraArgs:
+def equal_weights(num_tasks: int) -> optax.GradientTransformationExtraArgs:
   """EW: s_i = 1 (the identity; `sum_tasks` alone is equal weighting).
+
+  Args:
+    num_tasks: K.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
@@ -17,22 +20,23 @@ def equal_weights() -> optax.GradientTransformationExtraArgs:
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax
-    >>> tx = mtl_optax.equal_weights()
+    >>> tx = mtl_optax.equal_weights(2)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
-    >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # s_i
+    >>> rows, state = tx.update(jac, tx.init(params))
+    >>> print(np.asarray(state.weights).round(3))  # s_i
     [1. 1.]
   """
-  return reweighter("equal_weights", lambda: optax.EmptyState(),
-                    lambda losses, state: (jnp.ones_like(losses), state))
+  return reweighter("equal_weights", num_tasks, lambda: optax.EmptyState(),
+                    lambda losses, state: (jnp.ones((num_tasks,)), state), needs_losses=False)
 
 
-def log_losses(eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+def log_losses(num_tasks: int, eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
   """SI: minimize sum_i log(L_i + eps), so s_i = 1 / (L_i + eps).
 
   Navon et al. 2022 (Nash-MTL, SI baseline); Lin et al. 2023 (DB-MTL, Sec. 3.1, eps = 1e-8).
 
   Args:
+    num_tasks: K.
     eps: added to the losses, s_i = 1 / (L_i + eps).
 
   Returns:
@@ -47,21 +51,25 @@ def log_losses(eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax
-    >>> tx = mtl_optax.log_losses()
+    >>> tx = mtl_optax.log_losses(2)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # s_i
+    >>> print(np.asarray(state.weights).round(3))  # s_i
     [1.  0.5]
   """
   def weights(losses, state):
     return 1.0 / (positive(losses) + eps), state
-  return reweighter("log_losses", lambda: optax.EmptyState(), weights, needs_positive=True)
+  return reweighter("log_losses", num_tasks, lambda: optax.EmptyState(), weights,
+                    needs_positive=True)
 
 
-def gls() -> optax.GradientTransformationExtraArgs:
+def gls(num_tasks: int) -> optax.GradientTransformationExtraArgs:
   """GLS: minimize (prod_i L_i)^(1/K), so s_i = GLS / (K L_i).
 
   Chennupati et al. 2019 (MultiNet++, geometric loss strategy).
+
+  Args:
+    num_tasks: K.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
@@ -75,14 +83,14 @@ def gls() -> optax.GradientTransformationExtraArgs:
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax
-    >>> tx = mtl_optax.gls()
+    >>> tx = mtl_optax.gls(2)
     >>> params, jac = {"w": jnp.zeros(3)}, {"w": jnp.ones((2, 3))}  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, tx.init(params), losses=jnp.array([1.0, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # s_i
+    >>> print(np.asarray(state.weights).round(3))  # s_i
     [0.707 0.354]
   """
   def weights(losses, state):
     losses = positive(losses)
     geometric_mean = jnp.exp(jnp.mean(jnp.log(losses)))
     return geometric_mean / (losses.shape[0] * losses), state
-  return reweighter("gls", lambda: optax.EmptyState(), weights, needs_positive=True)
+  return reweighter("gls", num_tasks, lambda: optax.EmptyState(), weights, needs_positive=True)

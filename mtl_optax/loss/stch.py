@@ -52,7 +52,7 @@ def stch(num_tasks: int, steps_per_epoch: int, mu: float = 1.0,
     >>> jac, state = {"w": jnp.ones((2, 3))}, tx.init(None)  # K = 2 stacked gradients
     >>> rows, state = tx.update(jac, state, losses=jnp.array([1.0, 2.0]))  # nadir epoch: 1 / L
     >>> rows, state = tx.update(jac, state, losses=jnp.array([0.5, 2.0]))
-    >>> print(np.asarray(rows["w"][:, 0]).round(3))  # 2 softmax(log(L / z)) / L
+    >>> print(np.asarray(state.weights).round(3))  # 2 softmax(log(L / z)) / L
     [1.333 0.667]
   """
   num_tasks = check_positive_int(num_tasks, "stch: num_tasks")
@@ -73,4 +73,4 @@ def stch(num_tasks: int, steps_per_epoch: int, mu: float = 1.0,
     nadir_sum = state.nadir_sum + jnp.where(epoch == warmup_epochs, losses, 0.0)
     return s, STCHState(state.count + 1, nadir_sum.astype(jnp.float32))
 
-  return reweighter("stch", init, weights, num_tasks=num_tasks, needs_positive=True)
+  return reweighter("stch", num_tasks, init, weights, needs_positive=True)

@@ -1,0 +1,218 @@
+"""One call shape on every path: the losses, a balanced gradient, the new state, the weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax import tree as tree_lib
+from mtl_optax.checks import check_choice, check_positive_int
+from mtl_optax.jacobian import apply_to_gram_rows, chunked_gram, pullback_gram, task_vjp
+from mtl_optax.representation import value_and_representation_jacrev
+from mtl_optax.rows import GramRows, GramUpdate, StackedRows, row_like, unstack
+from mtl_optax.state import weights_product
+
+Path = Literal["stacked", "gram", "representation"]
+PATHS = ("stacked", "gram", "representation")
+
+
+class BalancedGrad(NamedTuple):
+  """What `value_and_grad(...).update` returns besides the new state, on every path.
+
+  `losses`: the K task losses; `grad`: the balanced gradient, shaped like the parameters (give
+  it to the optimizer); `weights`: the weights w of the update on the raw rows (the shared
+  leaves' d = sum_i w_i g_i, a loss balancer's scaling included; on the representation path
+  the rows are the z-rows); `aux`: what the loss function returned besides the losses
+  (`has_aux`), else None.
+  """
+  losses: jax.Array
+  grad: Any
+  weights: jax.Array
+  aux: Any = None
+
+
+class ValueAndGrad(NamedTuple):
+  """A balanced gradient step, optax-style: `init(params, *args) -> state` and
+  `update(params, state, *args, **extra_args) -> (BalancedGrad, state)`."""
+  init: Callable[..., optax.OptState]
+  update: Callable[..., tuple[BalancedGrad, optax.OptState]]
+
+
+def value_and_grad(
+    fun: Callable[..., Any] | tuple[Callable[..., Any], Callable[..., Any]],
+    balancer: optax.GradientTransformation,
+    *,
+    path: Path = "stacked",
+    shared: tree_lib.MaskOrFn = None,
+    has_aux: bool = False,
+    chunk_size: int = 4,
+) -> ValueAndGrad:
+  """The balanced gradient of K task losses, with one call shape on the three paths.
+
+  `balancer` is a loss balancer, a gradient balancer, or an `optax.chain` of loss balancers
+  and at most one gradient balancer, with no optimizer: the optimizer takes the returned
+  `grad`. A chain of loss balancers alone ends in the sum of its rows (no `sum_tasks` needed).
+  The paths compute the same update where they meet:
+
+  - `"stacked"`: `fun(params, *args) -> losses[K]`; the K rows are the parameter gradients
+    (K backward passes, K copies of the parameters); any balancer.
+  - `"gram"`: the same `fun`; loss balancers take one backward pass, Gram-based gradient
+    balancers the K x K Gram matrix (formed `chunk_size` rows at a time) and one more VJP.
+    Gradient balancers that are not Gram-based are rejected at trace time.
+  - `"representation"`: `fun` is a pair `(encode, task_losses)` with
+    `encode(params, *args) -> z` and `task_losses(params, z, *args) -> losses[K]`, and
+    `shared` marks the encoder's parameters; the rows are the gradients with respect to z
+    (and the heads' own rows), and one VJP through the encoder maps the balanced row back
+    (Sener & Koltun 2018, Sec. 3.3). Build gradient balancers with `shared=None` there.
+
+  Args:
+    fun: the task losses, or `(encode, task_losses)` on the representation path; with
+      `has_aux`, the losses function returns `(losses, aux)`.
+    balancer: the balancer (no optimizer).
+    path: `"stacked"`, `"gram"` or `"representation"`.
+    shared: the encoder's parameters on the representation path (a pytree of bools like the
+      parameters, a prefix allowed, or a callable on them); unused on the other paths, where
+      gradient balancers carry their own `shared=`.
+    has_aux: whether the losses function also returns auxiliary data.
+    chunk_size: on the Gram-only path, the rows held at once while forming the Gram matrix.
+
+  Returns:
+    A `ValueAndGrad`: `init(params, *args)` builds the balancer's state for this path (on the
+    representation path from the shapes of z, found with `jax.eval_shape`), and
+    `update(params, state, *args, **extra_args)` returns `(BalancedGrad(losses, grad, weights,
+    aux), new_state)`; `args` go to the loss function(s), `extra_args` (e.g. FAMO's
+    `post_step_losses`) to the balancer.
+
+  References:
+    Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS,
+    arXiv:1810.04650, Sec. 3.3 (the representation path, MGDA-UB).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, optax, mtl_optax
+    >>> def losses(p, x):  # K = 2
+    ...   return jnp.stack([jnp.sum((p["w"] - x) ** 2), jnp.sum(p["w"] ** 2)])
+    >>> params, x = {"w": jnp.ones(2)}, jnp.array([2.0, 0.0])
+    >>> for path in ("stacked", "gram"):
+    ...   vg = mtl_optax.value_and_grad(losses, mtl_optax.imtl_g(2), path=path)
+    ...   out, state = jax.jit(vg.update)(params, vg.init(params), x)
+    ...   print(path, np.asarray(out.grad["w"]).round(3), np.asarray(out.weights).round(3))
+    stacked [0. 2.] [0.5 0.5]
+    gram [0. 2.] [0.5 0.5]
+  """
+  check_choice(path, PATHS, "value_and_grad: path")
+  check_positive_int(chunk_size, "value_and_grad: chunk_size")
+  if path == "representation":
+    if not (isinstance(fun, tuple) and len(fun) == 2 and all(map(callable, fun))):
+      raise ValueError("value_and_grad: the representation path takes fun=(encode, "
+                       "task_losses), the shared trunk and the heads.")
+    if shared is None:
+      raise ValueError("value_and_grad: the representation path needs shared=, the mask of "
+                       "the encoder's parameters.")
+    return _representation(fun, balancer, shared, has_aux)
+  if not callable(fun):
+    raise ValueError(f"value_and_grad: the {path!r} path takes one function "
+                     "fun(params, *args) -> losses[K]; a pair (encode, task_losses) is for "
+                     "path='representation'.")
+  if shared is not None:
+    raise ValueError(f"value_and_grad: shared= splits the model on the representation path; "
+                     f"on the {path!r} path gradient balancers take shared= themselves.")
+  return (_stacked if path == "stacked" else _gram)(fun, balancer, has_aux, chunk_size)
+
+
+def _split_value(value, has_aux):
+  return value if has_aux else (value, None)
+
+
+def _weights(state: optax.OptState, k: int, name: str) -> jax.Array:
+  """The raw-row weights of the last update, read from the balancer's new state."""
+  w = weights_product(state)
+  if w is None:
+    raise ValueError(f"{name}: the balancer's state holds no BalancerState, so its weights "
+                     "cannot be read; build custom balancers with mtl_optax.reweighter, "
+                     "aggregator or gram_aggregator.")
+  return jnp.broadcast_to(w, (k,))
+
+
+def _reduced(out: Any, k: int) -> Any:
+  """A loss-balancer-only chain's rows summed into one row; a gradient balancer's output as
+  it is."""
+  if isinstance(out, StackedRows):
+    return tree_lib.combine(jnp.ones((k,), jnp.float32), unstack(out))
+  return out
+
+
+def _check_grad(name: str, grad: Any, params: Any) -> None:
+  """Raises at trace time unless `grad` is shaped like `params`."""
+  shape = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+  if (jax.tree.structure(grad) != jax.tree.structure(params)
+      or _shapes(grad) != _shapes(params)):
+    raise ValueError(
+        f"{name}: the balancer returned {shape(grad)}, not one gradient shaped like the "
+        f"parameters {shape(params)}. Pass the balancer alone (loss balancers, then at most "
+        "one gradient balancer), without an optimizer, and give the optimizer out.grad.")
+
+
+def _stacked(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
+  del chunk_size
+  name = "value_and_grad (stacked path)"
+  update_fn = optax.with_extra_args_support(balancer).update
+
+  def update(params, state, *args, **extra_args):
+    losses, vjp_fn, value = task_vjp(fun, params, args, has_aux, name)
+    (jac,) = jax.vmap(vjp_fn)(jnp.eye(losses.shape[0], dtype=losses.dtype))
+    out, state = update_fn(jac, state, params, losses=losses, **extra_args)
+    grad = _reduced(out, losses.shape[0])
+    _check_grad(name, grad, params)
+    losses, aux = _split_value(value, has_aux)
+    return BalancedGrad(losses, grad, _weights(state, losses.shape[0], name), aux), state
+
+  return ValueAndGrad(lambda params, *args: balancer.init(params), update)
+
+
+def _gram(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
+  name = "value_and_grad (Gram-only path)"
+
+  def update(params, state, *args, **extra_args):
+    losses, vjp_fn, value = task_vjp(fun, params, args, has_aux, name)
+    rows = GramRows(jnp.eye(losses.shape[0], dtype=losses.dtype),
+                    chunked_gram(vjp_fn, losses, chunk_size))
+    out, state = apply_to_gram_rows(balancer, rows, state, params, losses, extra_args, name)
+    if isinstance(out, GramRows):  # loss balancers alone: the sum of the reweighted rows
+      out = out.combine(jnp.ones(out.num_tasks, out.coef.dtype), None, None)
+    grad = pullback_gram(vjp_fn, out, losses.dtype)
+    losses, aux = _split_value(value, has_aux)
+    return BalancedGrad(losses, grad, _raw_weights(out), aux), state
+
+  return ValueAndGrad(lambda params, *args: balancer.init(params), update)
+
+
+def _raw_weights(out: GramUpdate) -> jax.Array:
+  return jax.lax.stop_gradient(out.shared)
+
+
+def _representation(fun, balancer, shared, has_aux) -> ValueAndGrad:
+  name = "value_and_grad (representation path)"
+  encode, task_losses = fun
+  rows_fn = value_and_representation_jacrev(encode, task_losses, shared=shared, has_aux=has_aux)
+  update_fn = optax.with_extra_args_support(balancer).update
+
+  def init(params, *args):
+    _, rows, _ = jax.eval_shape(lambda p: rows_fn(p, *args)[:2] + (None,), params)
+    return balancer.init(row_like(rows))
+
+  def update(params, state, *args, **extra_args):
+    value, rows, pullback = rows_fn(params, *args)
+    losses, aux = _split_value(value, has_aux)
+    out, state = update_fn(rows, state, None, losses=losses, **extra_args)
+    grad = pullback(_reduced(out, losses.shape[0]))
+    return BalancedGrad(losses, grad, _weights(state, losses.shape[0], name), aux), state
+
+  return ValueAndGrad(init, update)
+
+
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+  return [jnp.shape(x) for x in jax.tree.leaves(tree)]
