@@ -130,7 +130,7 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
 
   def balancer(links):
     if links.aggregator is None:
-      return links.reweighter or mtl_optax.equal_weights()
+      return links.reweighter or mtl_optax.equal_weights(k)
     return methods.chain(links)
 
   def init(key, weights):

@@ -12,9 +12,11 @@ and each reports its median; ratios are against a baseline timed in the same rou
      on the QM9 benchmark's model (descriptor MLP, 3 x 256, K = 11, batch 128) and the same
      model with K = 40 heads, beside the floor of every Gram-based method there (`unit_rows`:
      the z-rows, their Gram matrix, the combination and the pullback, no solver);
-  5. the Gram-only path vs the stacked path on an MLP of six 512-wide layers, K = 3, 11, 40.
+  5. the Gram-only path vs the stacked path on an MLP of six 512-wide layers, K = 3, 11, 40;
+  6. the entry point `mtl_optax.value_and_grad` vs the per-path functions it is built on, on
+     every path, on the QM9 benchmark's model (K = 11).
 
-  python benchmarks/step_time.py [--rounds 7] [--sections loss grad rep gram] [--out FILE]
+  python benchmarks/step_time.py [--rounds 7] [--sections loss grad rep gram entry] [--out FILE]
 """
 
 from __future__ import annotations
@@ -194,6 +196,21 @@ class FlaxProblem:
     state = balancer.init(like) if balancer is not None else None
     return step, (self.params, state, opt.init(self.params))
 
+  def entry_step(self, path: str, balancer: optax.GradientTransformation) -> tuple[Callable, tuple]:
+    """`(step, carry)` as `step`, through `mtl_optax.value_and_grad`."""
+    x, y = self.x, self.y
+    if path == "representation":
+      fun = (lambda p, x, y: self.encode(p, x), self.head_losses)
+      vg = mtl_optax.value_and_grad(fun, balancer, path=path, shared=models.shared_mask)
+    else:
+      vg = mtl_optax.value_and_grad(self.losses, balancer, path=path)
+
+    def fn(p, s):
+      out, s = vg.update(p, s, x, y)
+      return out.grad, s
+    step, opt = self._adam_step(fn)
+    return step, (self.params, vg.init(self.params, x, y), opt.init(self.params))
+
 
 def median_times(runs: dict[str, Callable[[], None]], rounds: int,
                  steps: int = STEPS) -> dict[str, float]:
@@ -311,6 +328,35 @@ def gram_table(rounds: int, task_counts: tuple[int, ...] = (3, 11, 40)) -> str:
                    rows))
 
 
+ENTRY_METHODS = ("igb_v1", "nash_mtl", "igb_v1+nash_mtl", "mgda")
+
+
+def entry_table(rounds: int, num_tasks: int = 11) -> str:
+  """`value_and_grad` vs the per-path functions, same balancer, same model, same rounds."""
+  problem = FlaxProblem(num_tasks, hidden=256, depth=3, d_in=274, batch=128)
+  gradient = {"stacked": methods.gradient_methods(),
+              "representation": methods.gradient_methods("representation")}
+  rows = []
+  for path in ("stacked", "gram", "representation"):
+    runs = {}
+    for name in ENTRY_METHODS:
+      factory = gradient.get(path, gradient["stacked"]).get(name) or methods.registry()[name]
+      links = factory(num_tasks, STEPS_PER_EPOCH, jax.random.PRNGKey(0))
+      balancer = methods.chain(links) if links.aggregator else links.reweighter
+      # The per-path functions need the reducer after a loss balancer, except on the Gram path.
+      lower = methods.chain(links) if path != "gram" else balancer
+      runs[name] = _compiled(*problem.step(path, lower), steps=10, warmup_steps=10)
+      runs[name + " (entry)"] = _compiled(*problem.entry_step(path, balancer), steps=10,
+                                          warmup_steps=10)
+    t = median_times(runs, rounds, steps=10)
+    rows += [[path, name, f"{1e3 * t[name]:.2f}", f"{1e3 * t[name + ' (entry)']:.2f}",
+              f"{t[name + ' (entry)'] / t[name]:.3f}"] for name in ENTRY_METHODS]
+  return (f"### value_and_grad vs the per-path functions (QM9 model, K = {num_tasks}, "
+          "batch 128; 10 steps per timing)\n\n"
+          + _table(["path", "method", "per-path ms/step", "value_and_grad ms/step",
+                    "value_and_grad vs per-path"], rows))
+
+
 def cpu_model() -> str:
   """The processor's model name (Linux), else what `platform` knows."""
   try:
@@ -326,8 +372,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--tasks", type=int, nargs="+", default=[3, 11, 40])
-  parser.add_argument("--sections", nargs="+", default=["loss", "grad", "rep", "gram"],
-                      choices=["loss", "grad", "rep", "gram"])
+  parser.add_argument("--sections", nargs="+", default=["loss", "grad", "rep", "gram", "entry"],
+                      choices=["loss", "grad", "rep", "gram", "entry"])
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args()
   report = "\n\n".join([
@@ -337,7 +383,8 @@ def main() -> None:
       *[{"loss": lambda: loss_balancer_tables(args.rounds),
          "grad": lambda: gradient_balancer_table(args.rounds, tuple(args.tasks)),
          "rep": lambda: representation_table(args.rounds),
-         "gram": lambda: gram_table(args.rounds)}[s]() for s in args.sections],
+         "gram": lambda: gram_table(args.rounds),
+         "entry": lambda: entry_table(args.rounds)}[s]() for s in args.sections],
       "Command: `python benchmarks/step_time.py " + " ".join(sys.argv[1:]) + "`",
   ])
   print(report)

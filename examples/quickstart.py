@@ -2,8 +2,9 @@
 
 Three regression tasks share an MLP trunk; each has a linear head. Their targets live on very
 different scales (x1, x10, x0.1), the situation loss and gradient balancers are made for.
-Loss balancers run on the single-backward path; gradient balancers on the stacked Jacobian,
-with the trunk shared and the heads task-specific. Prints each method's final test losses
+Every method runs through `mtl_optax.value_and_grad`: loss balancers on the Gram-only path
+(one backward pass), gradient balancers on the stacked Jacobian, with the trunk shared and the
+heads task-specific. Prints each method's final test losses
 (relative to the test loss of the untrained model) and its step time.
 
   python examples/quickstart.py [--steps 500]
@@ -62,56 +63,46 @@ def make_data(seed: int, n: int, num_tasks: int = NUM_TASKS, d_in: int = 16,
   return x, y + 0.05 * scales * jax.random.normal(kn, y.shape)
 
 
-def loss_step(balancer: optax.GradientTransformation, optimizer: optax.GradientTransformation
-              ) -> Callable:
-  """A jitted step for a loss balancer on the single-backward path."""
-  value_and_grad = mtl_optax.value_and_reweighted_grad(task_losses, balancer)
+def make_step(path: str, balancer: optax.GradientTransformation,
+              optimizer: optax.GradientTransformation) -> tuple[Callable, Callable]:
+  """`(init, step)` for one balancer through `mtl_optax.value_and_grad` on `path`."""
+  vg = mtl_optax.value_and_grad(task_losses, balancer, path=path)
+
+  def init(params):
+    return vg.init(params), optimizer.init(params)
 
   @jax.jit
   def step(params, state, x, y):
     balancer_state, opt_state = state
-    (losses, grad), balancer_state = value_and_grad(params, balancer_state, x, y)
-    updates, opt_state = optimizer.update(grad, opt_state, params)
-    return optax.apply_updates(params, updates), (balancer_state, opt_state), losses
+    out, balancer_state = vg.update(params, balancer_state, x, y)
+    updates, opt_state = optimizer.update(out.grad, opt_state, params)
+    return optax.apply_updates(params, updates), (balancer_state, opt_state), out
 
-  return step
-
-
-def jacobian_step(balancer: optax.GradientTransformation,
-                  optimizer: optax.GradientTransformation) -> Callable:
-  """A jitted step for a gradient balancer on the stacked Jacobian."""
-  tx = optax.chain(balancer, optimizer)
-
-  @jax.jit
-  def step(params, state, x, y):
-    losses, jac = mtl_optax.value_and_jacrev(task_losses)(params, x, y)
-    updates, state = tx.update(jac, state, params, losses=losses)
-    return optax.apply_updates(params, updates), state, losses
-
-  return step
+  return init, step
 
 
 def methods(steps_per_epoch: int) -> dict[str, tuple[str, optax.GradientTransformation]]:
-  """Name -> (path, balancer): 'loss' runs single-backward, 'grad' on the Jacobian."""
+  """Name -> (path, balancer): loss balancers on the Gram-only path (one backward pass),
+  gradient balancers on the stacked Jacobian."""
   k = NUM_TASKS
   return {
-      "EW": ("loss", mtl_optax.equal_weights()),
-      "SI (log losses)": ("loss", mtl_optax.log_losses()),
-      "RLW": ("loss", mtl_optax.rlw(key=0)),
-      "DWA": ("loss", mtl_optax.dwa(k, steps_per_epoch)),
-      "UW": ("loss", mtl_optax.uw(k)),
-      "GLS": ("loss", mtl_optax.gls()),
-      "IMTL-L": ("loss", mtl_optax.imtl_l(k)),
-      "IGBv1": ("loss", mtl_optax.igb_v1(k, steps_per_epoch)),
-      "IGBv2": ("loss", mtl_optax.igb_v2(k, steps_per_epoch, key=0)),
-      "MGDA": ("grad", mtl_optax.mgda(k, shared=SHARED)),
-      "PCGrad": ("grad", mtl_optax.pcgrad(k, key=0, shared=SHARED)),
-      "CAGrad": ("grad", mtl_optax.cagrad(k, shared=SHARED)),
-      "Nash-MTL": ("grad", mtl_optax.nash_mtl(k, shared=SHARED)),
-      "UPGrad": ("grad", mtl_optax.upgrad(k, shared=SHARED)),
-      "DB-MTL": ("grad", mtl_optax.db_mtl(k, shared=SHARED)),
-      "IMGrad": ("grad", mtl_optax.imgrad(k, shared=SHARED)),
-      "IGBv1 + Nash-MTL": ("grad", optax.chain(mtl_optax.igb_v1(k, steps_per_epoch),
+      "EW": ("gram", mtl_optax.equal_weights(k)),
+      "SI (log losses)": ("gram", mtl_optax.log_losses(k)),
+      "RLW": ("gram", mtl_optax.rlw(k, key=0)),
+      "DWA": ("gram", mtl_optax.dwa(k, steps_per_epoch)),
+      "UW": ("gram", mtl_optax.uw(k)),
+      "GLS": ("gram", mtl_optax.gls(k)),
+      "IMTL-L": ("gram", mtl_optax.imtl_l(k)),
+      "IGBv1": ("gram", mtl_optax.igb_v1(k, steps_per_epoch)),
+      "IGBv2": ("gram", mtl_optax.igb_v2(k, steps_per_epoch, key=0)),
+      "MGDA": ("stacked", mtl_optax.mgda(k, shared=SHARED)),
+      "PCGrad": ("stacked", mtl_optax.pcgrad(k, key=0, shared=SHARED)),
+      "CAGrad": ("stacked", mtl_optax.cagrad(k, shared=SHARED)),
+      "Nash-MTL": ("stacked", mtl_optax.nash_mtl(k, shared=SHARED)),
+      "UPGrad": ("stacked", mtl_optax.upgrad(k, shared=SHARED)),
+      "DB-MTL": ("stacked", mtl_optax.db_mtl(k, shared=SHARED)),
+      "IMGrad": ("stacked", mtl_optax.imgrad(k, shared=SHARED)),
+      "IGBv1 + Nash-MTL": ("stacked", optax.chain(mtl_optax.igb_v1(k, steps_per_epoch),
                                                mtl_optax.nash_mtl(k, shared=SHARED))),
   }
 
@@ -122,13 +113,8 @@ def train(path: str, balancer: optax.GradientTransformation, steps: int, batch: 
   params = init_params(jax.random.PRNGKey(1))
   x, y = make_data(2, steps * batch)
   x_test, y_test = make_data(3, 2048)
-  optimizer = optax.adam(learning_rate)
-  if path == "loss":
-    step = loss_step(balancer, optimizer)
-    state = (balancer.init(params), optimizer.init(params))
-  else:
-    step = jacobian_step(balancer, optimizer)
-    state = optax.chain(balancer, optimizer).init(params)
+  init, step = make_step(path, balancer, optax.adam(learning_rate))
+  state = init(params)
   x, y = x.reshape(steps, batch, -1), y.reshape(steps, batch, -1)
   start_losses = task_losses(params, x_test, y_test)
   jax.block_until_ready(step(params, state, x[0], y[0]))  # compile

@@ -83,7 +83,7 @@ def reference_two_task(c: float, imbalance: bool) -> optax.GradientTransformatio
 Builder = Callable[[jax.Array, Figure], optax.GradientTransformationExtraArgs]
 METHODS: dict[str, Builder] = {
     "ew": lambda key, fig: mtl_optax.sum_tasks(),
-    "si": lambda key, fig: optax.chain(mtl_optax.log_losses(), mtl_optax.sum_tasks()),
+    "si": lambda key, fig: optax.chain(mtl_optax.log_losses(K), mtl_optax.sum_tasks()),
     "igb_v1": lambda key, fig: optax.chain(mtl_optax.igb_v1(K, STEPS_PER_EPOCH),
                                            mtl_optax.sum_tasks()),
     "mgda": lambda key, fig: mtl_optax.mgda(K),

@@ -100,8 +100,8 @@ def _check_one_row(update: Any, rows: RepresentationRows) -> None:
   if (jax.tree.structure(update) != jax.tree.structure(rows)
       or _shapes(update) != [r.shape[1:] for r in jax.tree.leaves(rows)]):
     raise ValueError(f"pullback takes one row shaped {expected} (the rows without their task "
-                     f"axis), got {shape(update)}: end the balancer chain with a gradient "
-                     "balancer or mtl_optax.sum_tasks(), or use mtl_optax.value_and_grad.")
+                     "axis: what a gradient balancer or mtl_optax.sum_tasks() makes of them), "
+                     f"got {shape(update)}.")
 
 
 def _check_representation(z: Any) -> None:

@@ -12,10 +12,10 @@ from mtl_optax.loss.base import LOSS_FLOOR
 K = 3
 
 BALANCERS = {
-    "equal_weights": lambda: mtl_optax.equal_weights(),
-    "log_losses": lambda: mtl_optax.log_losses(),
-    "gls": lambda: mtl_optax.gls(),
-    "rlw": lambda: mtl_optax.rlw(key=0),
+    "equal_weights": lambda: mtl_optax.equal_weights(K),
+    "log_losses": lambda: mtl_optax.log_losses(K),
+    "gls": lambda: mtl_optax.gls(K),
+    "rlw": lambda: mtl_optax.rlw(K, key=0),
     "dwa": lambda: mtl_optax.dwa(K, 2),
     "uw": lambda: mtl_optax.uw(K),
     "imtl_l": lambda: mtl_optax.imtl_l(K),
@@ -72,7 +72,19 @@ def test_scalar_leaf(name):
     tx.update(bad, tx.init(None), None, losses=losses())
 
 
-@pytest.mark.parametrize("name", NAMES)
+NO_LOSSES = ["equal_weights", "rlw"]  # their weights do not read the losses
+
+
+@pytest.mark.parametrize("name", NO_LOSSES)
+def test_balancers_that_do_not_read_losses_do_not_need_them(name):
+  tx = BALANCERS[name]()
+  out, _ = jax.jit(lambda u, s: tx.update(u, s))(rows(), tx.init(None))
+  assert jax.tree.structure(out.rows) == jax.tree.structure(rows())
+  assert not mtl_optax.registry.METHODS[{"equal_weights": "ew"}.get(name, name)].properties & {
+      "needs_losses"}
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - set(NO_LOSSES)))
 def test_missing_losses(name):
   tx = BALANCERS[name]()
   with pytest.raises(ValueError, match=rf"{name} needs the task losses"):
@@ -117,7 +129,7 @@ def test_non_positive_losses_under_jit_are_finite(name):
     out, state = step(state, jnp.asarray([0.0, -1.0, 2.0]))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((out, state)))
   if name == "log_losses":  # s_i = 1 / (max(L_i, floor) + eps)
-    np.testing.assert_allclose(out["a"][:, 0], 1 / (np.array([LOSS_FLOOR] * 2 + [2.0]) + 1e-8),
+    np.testing.assert_allclose(out.rows["a"][:, 0], 1 / (np.array([LOSS_FLOOR] * 2 + [2.0]) + 1e-8),
                                rtol=1e-5)
 
 
@@ -138,16 +150,16 @@ def test_hyperparameters_must_be_positive_ints(make, what):
 
 
 def test_task_weights_of_gradient_balancers():
-  w, _ = mtl_optax.task_weights(mtl_optax.mean_tasks(), optax.EmptyState(), losses())
+  w, _ = mtl_optax.task_weights(mtl_optax.mean_tasks(), mtl_optax.mean_tasks().init(None), losses())
   np.testing.assert_allclose(w, np.full(K, 1.0 / K))
   tx = mtl_optax.mgda(K)
   with pytest.raises(ValueError, match=r"Gram-based; pass gram="):
     mtl_optax.task_weights(tx, tx.init(None), losses())
   with pytest.raises(ValueError, match=r"gram has shape \(2, 2\), expected \(3, 3\)"):
     mtl_optax.task_weights(tx, tx.init(None), losses(), gram=jnp.eye(2))
-  tx = mtl_optax.graddrop(key=0)
+  tx = mtl_optax.graddrop(K, key=0)
   with pytest.raises(ValueError, match=r"graddrop is not Gram-based"):
     mtl_optax.task_weights(tx, tx.init(None), losses(), gram=jnp.eye(K))
-  chain = optax.chain(mtl_optax.log_losses(), mtl_optax.mean_tasks(), optax.sgd(0.1))
-  with pytest.raises(ValueError, match=r"no optimizer after it"):
+  chain = optax.chain(mtl_optax.log_losses(K), mtl_optax.mean_tasks(), optax.sgd(0.1))
+  with pytest.raises(ValueError, match=r"without an optimizer"):
     jax.jit(lambda l: mtl_optax.task_weights(chain, chain.init(None), l))(losses())

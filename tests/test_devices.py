@@ -99,7 +99,7 @@ def test_communication_per_step(default_run):
 
 
 def test_graddrop_refuses_rows_split_over_devices():
-  tx = mtl_optax.graddrop(key=0)
+  tx = mtl_optax.graddrop(3, key=0)
   with pytest.raises(ValueError, match="cannot run on rows split over devices"):
     tx.update({"w": jnp.ones((3, 4))}, tx.init({"w": jnp.ones(4)}), axis_name="data")
 

@@ -24,7 +24,7 @@ AGGREGATORS = {
     "nash_mtl": lambda shared: mtl_optax.nash_mtl(K, shared=shared),
     "aligned_mtl": lambda shared: mtl_optax.aligned_mtl(K, shared=shared),
     "upgrad": lambda shared: mtl_optax.upgrad(K, shared=shared),
-    "graddrop": lambda shared: mtl_optax.graddrop(key=0, shared=shared),
+    "graddrop": lambda shared: mtl_optax.graddrop(K, key=0, shared=shared),
     "gradvac": lambda shared: mtl_optax.gradvac(K, key=0, shared=shared),
     "gradnorm": lambda shared: mtl_optax.gradnorm(K, shared=shared),
     "moco": lambda shared: mtl_optax.moco(K, shared=shared),
@@ -108,7 +108,7 @@ def test_igb_v2_nash_mtl_adam_trains_under_jit():
     first = losses if first is None else first
   assert bool(jnp.all(jnp.isfinite(losses)))
   assert float(losses.sum()) < float(first.sum())
-  assert int(state[0].agent.actor_opt[0].count) > 0  # the agent trained inside the step
+  assert int(state[0].inner.agent.actor_opt[0].count) > 0  # the agent trained inside the step
 
 
 # The mask is resolved before any method runs: by default one of each kind (Gram-based, with

@@ -24,7 +24,9 @@ def _run_schedule(tx, losses):
   """Runs `task_weights` step by step from a sharp actor; returns w = s * L and the states."""
   step = jax.jit(lambda state, l: mtl_optax.task_weights(tx, state, l))
   state = jax.jit(tx.init)(None)
-  state = state._replace(agent=state.agent._replace(actor=_sharp_actor(state.agent.actor)))
+  inner = state.inner
+  state = state._replace(inner=inner._replace(agent=inner.agent._replace(
+      actor=_sharp_actor(inner.agent.actor))))
   weights, states = [], []
   for l in losses:
     s, state = step(state, l)
@@ -41,7 +43,7 @@ def _greedy_policy(k):
 
 def _acts_greedily(state, obs):
   """The deterministic action K softmax(mu(obs)) of the agent in `state`."""
-  return np.asarray(_greedy_policy(obs.shape[0])(state.agent, obs))
+  return np.asarray(_greedy_policy(obs.shape[0])(state.inner.agent, obs))
 
 
 def test_schedule_matches_card_step_by_step():
@@ -61,10 +63,10 @@ def test_schedule_matches_card_step_by_step():
     assert np.all(w > 0) and np.isclose(w.sum(), k, rtol=1e-5), (t, w)
     # 1. Transitions only once L_base exists (t >= 2 spe), one per step, in a ring.
     fill = min(max(0, t - 2 * spe + 1), cap)
-    assert int(state.agent.buffer.fill) == fill, t
+    assert int(state.inner.agent.buffer.fill) == fill, t
     if t >= 2 * spe:
       row = (t - 2 * spe) % cap
-      data = jax.tree.map(lambda x: np.asarray(x[row]), state.agent.buffer.data)
+      data = jax.tree.map(lambda x: np.asarray(x[row]), state.inner.agent.buffer.data)
       alpha = schedule(0) / schedule(t)
       reward = alpha * np.min((losses[t - 1] - losses[t]) / base)
       np.testing.assert_allclose(data.state, losses[t - 1], rtol=1e-6)
@@ -74,9 +76,9 @@ def test_schedule_matches_card_step_by_step():
     # 2. SAC updates from epoch update_e on, every `every` steps: int(every * k' / 2) of them.
     n = int(every * (1 + fill / cap) / 2) if t >= update_e * spe and t % every == 0 else 0
     updates_so_far += n
-    assert int(state.agent.actor_opt[0].count) == updates_so_far, t
-    assert int(state.agent.critic_opt[0].count) == updates_so_far, t
-    actor = state.agent.actor["params"]["Dense_0"]["kernel"]
+    assert int(state.inner.agent.actor_opt[0].count) == updates_so_far, t
+    assert int(state.inner.agent.critic_opt[0].count) == updates_so_far, t
+    actor = state.inner.agent.actor["params"]["Dense_0"]["kernel"]
     if prev_actor is not None:
       assert (n > 0) == (not np.array_equal(actor, prev_actor)), t
     prev_actor = actor
@@ -98,7 +100,7 @@ def test_normalized_state_and_unit_reward_scale():
   losses = np.random.default_rng(1).uniform(0.5, 3.0, (8, k)).astype(np.float32)
   weights, states = _run_schedule(tx, losses)
   base = losses[spe:2 * spe].mean(0)
-  data = jax.tree.map(np.asarray, states[-1].agent.buffer.data)
+  data = jax.tree.map(np.asarray, states[-1].inner.agent.buffer.data)
   t = np.arange(2 * spe, 8)
   rows = (t - 2 * spe) % 4
   np.testing.assert_allclose(data.state[rows], losses[t - 1] / base, rtol=1e-5)
@@ -183,7 +185,7 @@ def _stacked_step(name):
     losses, jac = mtl_optax.value_and_jacrev(loss_fn)(params)
     updates, state = tx.update(jac, state, params, losses=losses)
     params = jax.tree.map(lambda p, u: p - LR * u, params, updates)
-    s = state[0].prev_weights / losses  # this step's row scalings s_i = w_i / L_i
+    s = state[0].inner.prev_weights / losses  # this step's row scalings s_i = w_i / L_i
     return params, state, (losses, jac, s, updates)
   return jax.jit(jax.vmap(step))
 
@@ -223,7 +225,7 @@ def test_fusion_with_aggregator_under_jit_and_vmap(name):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
   # The seeds drive different weights, so the runs part.
   assert not np.allclose(params["shared"][0], params["shared"][1])
-  assert int(state[0].agent.actor_opt[0].count[0]) > 0
+  assert int(state[0].inner.agent.actor_opt[0].count[0]) > 0
 
 
 def test_single_backward_path_matches_stacked_sum():
@@ -242,7 +244,7 @@ def test_single_backward_path_matches_stacked_sum():
   stacked_params, stacked_state, _ = _train_stacked("sum", *_init_stacked("sum"), STEPS)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                params, stacked_params)
-  np.testing.assert_allclose(state.prev_weights, stacked_state[0].prev_weights, rtol=1e-3)
+  np.testing.assert_allclose(state.inner.prev_weights, stacked_state[0].inner.prev_weights, rtol=1e-3)
 
 
 def test_checkpoint_and_resume_is_exact():

@@ -39,7 +39,8 @@ def run(tx, losses_seq, extra_seq=None, k=K):
     s = np.asarray(s)
     jax.tree.map(lambda got, row: np.testing.assert_allclose(
         got, s.reshape((-1,) + (1,) * (row.ndim - 1)) * np.asarray(row), rtol=1e-6),
-                 scaled, rows)
+                 scaled.rows, rows)
+    np.testing.assert_array_equal(state_u.weights, s)  # the state keeps the weights used
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), state_w, state_u)
     out.append(s)
   return np.stack(out)
@@ -61,28 +62,28 @@ def numpy_adam(lr, b1=0.9, b2=0.999, eps=1e-8):
 
 def test_equal_weights():
   losses = random_losses(4)
-  np.testing.assert_array_equal(run(mtl_optax.equal_weights(), losses), np.ones((4, K)))
+  np.testing.assert_array_equal(run(mtl_optax.equal_weights(K), losses), np.ones((4, K)))
 
 
 def test_log_losses():
   losses = random_losses(4)
-  np.testing.assert_allclose(run(mtl_optax.log_losses(), losses), 1.0 / (losses + 1e-8),
+  np.testing.assert_allclose(run(mtl_optax.log_losses(K), losses), 1.0 / (losses + 1e-8),
                              rtol=RTOL)
   # eps is added to the loss, and is configurable.
-  np.testing.assert_allclose(run(mtl_optax.log_losses(eps=0.5), losses), 1.0 / (losses + 0.5),
+  np.testing.assert_allclose(run(mtl_optax.log_losses(K, eps=0.5), losses), 1.0 / (losses + 0.5),
                              rtol=RTOL)
 
 
 def test_gls():
   losses = random_losses(4)
   expected = np.stack([np.prod(l) ** (1 / K) / (K * l) for l in losses.astype(np.float64)])
-  np.testing.assert_allclose(run(mtl_optax.gls(), losses), expected, rtol=RTOL)
+  np.testing.assert_allclose(run(mtl_optax.gls(K), losses), expected, rtol=RTOL)
 
 
 def test_gls_is_the_gradient_of_the_geometric_mean():
   losses = jnp.asarray(random_losses(1)[0])
   grad = jax.grad(lambda l: jnp.prod(l) ** (1 / K))(losses)
-  s, _ = mtl_optax.task_weights(mtl_optax.gls(), optax.EmptyState(), losses)
+  s, _ = mtl_optax.task_weights(mtl_optax.gls(K), mtl_optax.gls(K).init(None), losses)
   np.testing.assert_allclose(s, grad, rtol=RTOL)
 
 
@@ -178,14 +179,14 @@ def test_imtl_l_fixed_point_is_log_loss():
 def test_rlw(scale):
   steps, seed = 5, 7
   losses = random_losses(steps)
-  got = run(mtl_optax.rlw(scale, key=seed), losses)
+  got = run(mtl_optax.rlw(K, scale, key=seed), losses)
   assert np.all(got > 0)
   np.testing.assert_allclose(got.sum(1), scale, rtol=RTOL)
   assert all(not np.allclose(got[t], got[t + 1]) for t in range(steps - 1))
   # Reproducible from the key (an int seed and its PRNGKey agree); another seed differs.
   np.testing.assert_array_equal(
-      run(mtl_optax.rlw(scale, key=jax.random.PRNGKey(seed)), losses), got)
-  assert not np.allclose(run(mtl_optax.rlw(scale, key=seed + 1), losses), got)
+      run(mtl_optax.rlw(K, scale, key=jax.random.PRNGKey(seed)), losses), got)
+  assert not np.allclose(run(mtl_optax.rlw(K, scale, key=seed + 1), losses), got)
   # For the z the state's key draws at each step, the weights are scale * softmax(z).
   key = jax.random.PRNGKey(seed)
   for t in range(steps):
@@ -196,7 +197,7 @@ def test_rlw(scale):
 
 def test_rlw_weights_are_not_biased():
   """Over many draws each task's weight averages scale / K (softmax of i.i.d. normals)."""
-  tx = mtl_optax.rlw(key=0)
+  tx = mtl_optax.rlw(K, key=0)
   losses = jnp.ones(K)
   def body(state, _):
     s, state = mtl_optax.task_weights(tx, state, losses)
@@ -249,13 +250,13 @@ def test_famo_first_step_is_log_loss_weights_normalized():
   losses = jnp.asarray([0.5, 1.0, 4.0])
   s, state = mtl_optax.task_weights(mtl_optax.famo(K), mtl_optax.famo(K).init(None), losses)
   np.testing.assert_allclose(s, (1 / losses) / np.sum(1 / losses), rtol=RTOL)
-  np.testing.assert_array_equal(state.logits, np.zeros(K))
-  assert int(state.opt_state[1][0].count) == 0  # no Adam step on the first call
+  np.testing.assert_array_equal(state.inner.logits, np.zeros(K))
+  assert int(state.inner.opt_state[1][0].count) == 0  # no Adam step on the first call
 
 
 def test_famo_defaults():
   state = mtl_optax.famo(K).init(None)
-  np.testing.assert_array_equal(state.logits, np.zeros(K))
+  np.testing.assert_array_equal(state.inner.logits, np.zeros(K))
   # Default hyperparameters (lr 0.025, gamma 1e-3) against the reference formulas.
   losses = random_losses(4).astype(np.float64)
   after = losses * np.random.default_rng(4).uniform(0.5, 1.1, size=losses.shape)
@@ -265,10 +266,10 @@ def test_famo_defaults():
 
 
 ALL = {
-    "equal_weights": lambda k: mtl_optax.equal_weights(),
-    "log_losses": lambda k: mtl_optax.log_losses(),
-    "gls": lambda k: mtl_optax.gls(),
-    "rlw": lambda k: mtl_optax.rlw(key=0),
+    "equal_weights": lambda k: mtl_optax.equal_weights(k),
+    "log_losses": lambda k: mtl_optax.log_losses(k),
+    "gls": lambda k: mtl_optax.gls(k),
+    "rlw": lambda k: mtl_optax.rlw(k, key=0),
     "dwa": lambda k: mtl_optax.dwa(k, 1),
     "uw": lambda k: mtl_optax.uw(k),
     "imtl_l": lambda k: mtl_optax.imtl_l(k),
@@ -294,6 +295,6 @@ def test_degenerate_inputs_stay_finite(name):
     for _ in range(4):  # crosses DWA's and IGBv1's epoch boundaries (steps_per_epoch = 1)
       out, state, s = step(state, jnp.asarray(losses, jnp.float32))
       assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((out, state, s))), (k, losses)
-      jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0.0), out)
+      jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0.0), out.rows)
     if k == 1 and name not in ("uw", "imtl_l", "log_losses", "igb_v1"):
       np.testing.assert_allclose(s, 1.0, rtol=RTOL)

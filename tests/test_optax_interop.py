@@ -91,28 +91,33 @@ def test_apply_if_finite_skips_a_nan_step_and_keeps_the_balancer_state(name):
 
 
 def test_optax_apply_if_finite_wraps_the_optimizer_after_a_balancer():
-  """optax's own wrapper returns zeros shaped like its input, so it wraps the shape-keeping
-  part (the optimizer after the balancer, or a loss balancer)."""
+  """optax's own wrapper returns zeros shaped like its input, so it wraps the optimizer after
+  the balancer; a loss balancer alone (its output is StackedRows) takes ours."""
   params, loss_fn = problem()
   losses, jac = mtl_optax.value_and_jacrev(loss_fn)(params)
   tx = optax.chain(mtl_optax.mgda(K, shared=SHARED), optax.apply_if_finite(optax.adam(1e-2), 2))
   updates, _ = tx.update(jac, tx.init(params), params, losses=losses)
   assert updates["w"].shape == (N,)
-  reweighted = optax.apply_if_finite(mtl_optax.uw(K), 2)
+  reweighted = mtl_optax.apply_if_finite(mtl_optax.uw(K), 2)
   out, state = reweighted.update(jac, reweighted.init(params), losses=losses)
-  assert out["w"].shape == (K, N) and bool(state.last_finite)
+  assert out.rows["w"].shape == (K, N) and bool(state.last_finite)
 
 
-def test_masked_transformations_around_a_balancer():
-  """optax.masked around a loss balancer (only the masked leaves reweighted) and after a
-  gradient balancer (weight decay on the shared leaves only)."""
+def test_masked_transformations_after_a_balancer():
+  """optax.masked after a gradient balancer (weight decay on the shared leaves only); around a
+  loss balancer it meets the StackedRows it returns and says what to do (loss balancers scale
+  whole rows; the gradient balancer's shared= mask decides which leaves are balanced)."""
   params, loss_fn = problem()
   losses, jac = mtl_optax.value_and_jacrev(loss_fn)(params)
-  tx = optax.chain(optax.masked(mtl_optax.gls(), SHARED), mtl_optax.sum_tasks())
-  out, _ = tx.update(jac, tx.init(params), losses=losses)
+  tx = optax.chain(mtl_optax.gls(K), mtl_optax.sum_tasks(),
+                   optax.masked(optax.add_decayed_weights(0.5), SHARED))
+  out, _ = tx.update(jac, tx.init(params), params, losses=losses)
   gls = jnp.prod(losses) ** (1 / K) / (K * losses)
-  np.testing.assert_allclose(out["w"], gls @ jac["w"], rtol=1e-5)
-  np.testing.assert_allclose(out["head"], jac["head"].sum(0), rtol=1e-6)
+  np.testing.assert_allclose(out["w"], gls @ jac["w"] + 0.5 * params["w"], rtol=1e-5)
+  np.testing.assert_allclose(out["head"], gls @ jac["head"], rtol=1e-6)
+  tx = optax.chain(optax.masked(mtl_optax.gls(K), SHARED), mtl_optax.sum_tasks())
+  with pytest.raises(ValueError, match="StackedRows"):
+    tx.update(jac, tx.init(params), losses=losses)
   decay = optax.chain(mtl_optax.mgda(K, shared=SHARED),
                       optax.masked(optax.add_decayed_weights(0.5), SHARED))
   base = mtl_optax.mgda(K, shared=SHARED)

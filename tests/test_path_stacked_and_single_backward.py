@@ -64,14 +64,14 @@ def test_value_and_jacrev_kwargs_and_rejects_non_vectors():
   with pytest.raises(ValueError, match=r"vector of K losses, got shape \(\)"):
     mtl_optax.value_and_jacrev(jnp.sum)(jnp.ones(2))
   with pytest.raises(ValueError, match=r"vector of K losses, got shape \(2, 2\)"):
-    mtl_optax.value_and_reweighted_grad(lambda p: jnp.outer(p, p), mtl_optax.gls())(
-        jnp.ones(2), optax.EmptyState())
+    mtl_optax.value_and_reweighted_grad(lambda p: jnp.outer(p, p), mtl_optax.gls(2))(
+        jnp.ones(2), mtl_optax.gls(2).init(None))
 
 
 REWEIGHTERS = {
-    "equal_weights": lambda: mtl_optax.equal_weights(),
-    "log_losses": lambda: mtl_optax.log_losses(),
-    "gls": lambda: mtl_optax.gls(),
+    "equal_weights": lambda: mtl_optax.equal_weights(K),
+    "log_losses": lambda: mtl_optax.log_losses(K),
+    "gls": lambda: mtl_optax.gls(K),
     "rlw": lambda: mtl_optax.rlw(K, key=3),
     "dwa": lambda: mtl_optax.dwa(K, 2),
     "uw": lambda: mtl_optax.uw(K, learning_rate=0.05),
@@ -94,7 +94,9 @@ def test_single_backward_equals_stacked_path(name):
   extra = {}
   for t in range(7):  # crosses the epoch boundaries of DWA and IGBv1 (steps_per_epoch = 2)
     data = batch(t)
+    state_before_last, last_extra = state_single, extra
     ((losses, aux), grad), state_single = single(params, state_single, data, **extra)
+    last_losses = losses
     ref_losses, jac = jac_fn(params, data)
     ref_grad, state_stacked = stacked_update(jac, state_stacked, params,
                                              dict(extra, losses=ref_losses))
@@ -105,16 +107,19 @@ def test_single_backward_equals_stacked_path(name):
     params = jax.tree.map(lambda p, g: p - 0.2 * g, params, grad)
     if name == "famo":  # the previous batch's losses after the parameter step
       extra = {"post_step_losses": task_losses(params, data)}
-  # Every piece of state (step counts, sums, keys, logits, Adam moments) has moved.
-  assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state_single),
-                                                       jax.tree.leaves(tx.init(params))))
+  # Every piece of the method's state (step counts, sums, keys, logits, Adam moments) has
+  # moved, and the state keeps the weights of the last step.
+  assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state_single.inner),
+                                                       jax.tree.leaves(tx.init(params).inner)))
+  s, _ = mtl_optax.task_weights(tx, state_before_last, last_losses, **last_extra)
+  np.testing.assert_allclose(state_single.weights, s, rtol=1e-6)
 
 
 def test_single_backward_gradient_is_weighted_sum_of_jacobian_rows():
   """Independent of the balancer: grad = J^T s with s from task_weights, for s = 1 / L."""
   params, data = init_params(), batch(5)
-  (losses, grad), _ = mtl_optax.value_and_reweighted_grad(task_losses, mtl_optax.log_losses())(
-      params, optax.EmptyState(), data)
+  (losses, grad), _ = mtl_optax.value_and_reweighted_grad(task_losses, mtl_optax.log_losses(K))(
+      params, mtl_optax.log_losses(K).init(params), data)
   jac = jax.jacrev(task_losses)(params, data)
   s = 1.0 / (np.asarray(task_losses(params, data), np.float64) + 1e-8)
   expected = jax.tree.map(lambda j: np.tensordot(s, np.asarray(j, np.float64), axes=1), jac)
@@ -124,7 +129,7 @@ def test_single_backward_gradient_is_weighted_sum_of_jacobian_rows():
 def test_task_weights_are_constants():
   """s is stop-gradient'ed: differentiating through task_weights sees no dependence on L."""
   def through(losses):
-    s, _ = mtl_optax.task_weights(mtl_optax.log_losses(), optax.EmptyState(), losses)
+    s, _ = mtl_optax.task_weights(mtl_optax.log_losses(K), mtl_optax.log_losses(K).init(None), losses)
     return jnp.sum(s * losses)
   losses = jnp.asarray([0.5, 2.0, 4.0])
   np.testing.assert_allclose(jax.grad(through)(losses), 1.0 / losses, rtol=1e-6)

@@ -109,7 +109,7 @@ def test_famo_training_loop_jit_and_vmap():
     params = init_params(jax.random.PRNGKey(seed))
     carry = (params, famo.init(params), adam.init(params), batch_at(0))
     (_, famo_state, _, _), losses = jax.lax.scan(step, carry, jnp.arange(1, 21))
-    return famo_state.logits, losses
+    return famo_state.inner.logits, losses
 
   logits, losses = jax.jit(jax.vmap(run))(jnp.arange(2))
   assert np.all(np.isfinite(logits)) and np.all(np.isfinite(losses))
@@ -133,7 +133,7 @@ def weighted_sum(s, rows):
 
 def test_chain_with_sgd_and_schedule():
   schedule = optax.linear_schedule(0.1, 0.01, transition_steps=4)
-  tx = optax.chain(mtl_optax.log_losses(), mtl_optax.sum_tasks(), optax.sgd(schedule))
+  tx = optax.chain(mtl_optax.log_losses(K), mtl_optax.sum_tasks(), optax.sgd(schedule))
   rows, losses = rows_and_losses(5)
   state = tx.init(None)
   for t, l in enumerate(losses):
@@ -156,7 +156,7 @@ def numpy_adam_steps(grads, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 def test_chain_with_adam_and_schedule():
   schedule = optax.exponential_decay(0.05, transition_steps=1, decay_rate=0.5)
-  tx = optax.chain(mtl_optax.gls(), mtl_optax.sum_tasks(), optax.adam(schedule))
+  tx = optax.chain(mtl_optax.gls(K), mtl_optax.sum_tasks(), optax.adam(schedule))
   rows, losses = rows_and_losses(4)
   state = tx.init(jax.tree.map(lambda r: r[0], rows))
   got = []
@@ -172,7 +172,7 @@ def test_chain_with_adam_and_schedule():
 def test_losses_flow_through_chain_to_every_reweighter():
   """DWA then SI then FAMO in one chain: rows scaled by the product of the three weights."""
   lr = 0.1
-  tx = optax.chain(mtl_optax.dwa(K, 1), mtl_optax.log_losses(eps=0.0),
+  tx = optax.chain(mtl_optax.dwa(K, 1), mtl_optax.log_losses(K, eps=0.0),
                    mtl_optax.famo(K, learning_rate=lr, weight_decay=0.0),
                    mtl_optax.sum_tasks(), optax.sgd(1.0))
   rows, losses = rows_and_losses(5, seed=1)
