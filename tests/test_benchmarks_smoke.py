@@ -297,3 +297,17 @@ def test_step_time_floor_is_the_sum_of_unit_rows():
   norms = np.linalg.norm(g, axis=1)
   np.testing.assert_allclose(d["w"], (g / norms[:, None]).sum(0), rtol=1e-5)
   np.testing.assert_allclose(optax.tree.get(state, "weights"), 1.0 / norms, rtol=1e-5)
+
+
+def test_nnx_heads_smoke(tmp_path):
+  """benchmarks/nnx_heads.py at tiny sizes, one round: every method timed on both heads."""
+  from benchmarks import nnx_heads
+  out = tmp_path / "nnx_heads.md"
+  text = nnx_heads.main(["--rounds", "1", "--steps", "1", "--tasks", "3", "--input", "5",
+                         "--hidden", "8", "--depth", "1", "--batch", "4", "--out", str(out)])
+  assert out.read_text() == text + "\n"
+  assert text.startswith("Command: `python benchmarks/nnx_heads.py --rounds 1")
+  table = rows(text)
+  assert set(nnx_heads.METHODS) <= set(table)
+  assert table[nnx_heads.BASELINE][1] == table[nnx_heads.BASELINE][3] == "1.00"
+  assert all(float(c) > 0 for m in nnx_heads.METHODS for c in table[m])
