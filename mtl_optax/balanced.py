@@ -14,7 +14,7 @@ from mtl_optax.checks import check_choice, check_positive_int
 from mtl_optax.jacobian import apply_to_gram_rows, chunked_gram, pullback_gram, task_vjp
 from mtl_optax.representation import value_and_representation_jacrev
 from mtl_optax.rows import GramRows, GramUpdate, StackedRows, row_like, unstack
-from mtl_optax.state import weights_product
+from mtl_optax.state import BalancerState, weights_product
 
 Path = Literal["stacked", "gram", "representation"]
 PATHS = ("stacked", "gram", "representation")
@@ -145,6 +145,28 @@ def _reduced(out: Any, k: int) -> Any:
   return out
 
 
+_NO_OPTIMIZER = ("Pass the balancer alone (loss balancers, then at most one gradient balancer), "
+                 "without an optimizer, and give the optimizer out.grad.")
+
+
+def _check_no_optimizer(name: str, state: optax.OptState) -> None:
+  """Raises at trace time if a chain in `state` has a part holding no `BalancerState`: an
+  optimizer chained after the balancer, which would act on the rows (or, after a gradient
+  balancer, on the gradient before `value_and_grad` returns it) instead of on `out.grad`."""
+  if isinstance(state, BalancerState):  # a balancer, whatever it is built on
+    return
+  if type(state) is tuple:  # an optax.chain's states
+    for part in state:
+      if weights_product(part) is None:
+        raise ValueError(f"{name}: the balancer chain contains a transformation that is not a "
+                         f"balancer (state {type(part).__name__}), e.g. an optimizer. "
+                         f"{_NO_OPTIMIZER}")
+      _check_no_optimizer(name, part)
+  elif isinstance(state, tuple) and hasattr(state, "_fields"):  # a wrapper's NamedTuple state
+    for part in state:
+      _check_no_optimizer(name, part)
+
+
 def _check_grad(name: str, grad: Any, params: Any) -> None:
   """Raises at trace time unless `grad` is shaped like `params`."""
   shape = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
@@ -152,8 +174,7 @@ def _check_grad(name: str, grad: Any, params: Any) -> None:
       or _shapes(grad) != _shapes(params)):
     raise ValueError(
         f"{name}: the balancer returned {shape(grad)}, not one gradient shaped like the "
-        f"parameters {shape(params)}. Pass the balancer alone (loss balancers, then at most "
-        "one gradient balancer), without an optimizer, and give the optimizer out.grad.")
+        f"parameters {shape(params)}. {_NO_OPTIMIZER}")
 
 
 def _stacked(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
@@ -162,6 +183,7 @@ def _stacked(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
   update_fn = optax.with_extra_args_support(balancer).update
 
   def update(params, state, *args, **extra_args):
+    _check_no_optimizer(name, state)
     losses, vjp_fn, value = task_vjp(fun, params, args, has_aux, name)
     (jac,) = jax.vmap(vjp_fn)(jnp.eye(losses.shape[0], dtype=losses.dtype))
     out, state = update_fn(jac, state, params, losses=losses, **extra_args)
@@ -205,6 +227,7 @@ def _representation(fun, balancer, shared, has_aux) -> ValueAndGrad:
     return balancer.init(row_like(rows))
 
   def update(params, state, *args, **extra_args):
+    _check_no_optimizer(name, state)
     value, rows, pullback = rows_fn(params, *args)
     losses, aux = _split_value(value, has_aux)
     out, state = update_fn(rows, state, None, losses=losses, **extra_args)
