@@ -24,10 +24,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "checkpoint_child.py"
+pytest.importorskip("orbax.checkpoint")
 sys.path.insert(0, str(ROOT / "tests"))
 import checkpoint_child  # noqa: E402
-
-pytest.importorskip("orbax.checkpoint")
 
 
 def child(*args: str) -> list[dict]:
