@@ -3,10 +3,22 @@
   python examples/data_parallel.py [--steps 20] [--paths stacked gram representation]
 
 On a host without accelerators it forces eight CPU devices (`--xla_force_host_platform_
-device_count`, set before jax is imported); on GPUs and TPUs it uses every device unchanged,
-and on several hosts too: `--distributed` first calls `jax.distributed.initialize()` (which
-reads the cluster from the environment), and each process feeds its own slice of the batch
-(`jax.make_array_from_process_local_data`). The balancer is IGBv1 + Nash-MTL, trained with
+device_count`, set before jax is imported, unless XLA_FLAGS already sets a count); on GPUs and
+TPUs it uses every device unchanged, and on several hosts too: `--distributed` first calls
+`jax.distributed.initialize()`, and each process feeds its own slice of the batch
+(`jax.make_array_from_process_local_data`). Run the same command in every process, one per
+host; on a cluster that JAX detects (SLURM, Open MPI, Cloud TPU, ...) `--distributed` is
+enough, elsewhere name the coordinator (process 0's host and a free port), the number of
+processes and each one's id:
+
+  python examples/data_parallel.py --distributed --coordinator 10.0.0.1:12345 \
+      --num-processes 2 --process-id 0     # on host 0; --process-id 1 on host 1
+
+CPU devices of different processes reach each other through gloo collectives (set here). Two
+processes on one machine, four forced CPU devices each, form one eight-device mesh and equal
+one device (`tests/test_distributed.py`). Without a reference on one device (no process sees
+every batch), a distributed run prints its losses; `--save FILE.npz` writes them (process 0).
+The balancer is IGBv1 + Nash-MTL, trained with
 Adam on each of the three paths in four ways, and each way's losses are compared with the
 same steps on one device:
   1. one device;
@@ -171,22 +183,29 @@ def local_batches(num: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def main(steps: int = 20, paths: tuple[str, ...] = ("stacked", "gram", "representation"),
-         ways: tuple[str, ...] = WAYS) -> dict[tuple[str, str], float]:
-  """Trains every path every way; returns the largest relative difference from one device."""
+         ways: tuple[str, ...] = WAYS, save: str | None = None) -> dict[tuple[str, str], float]:
+  """Trains every path every way; returns the largest relative difference from one device
+  (one process only: the first way is the reference). With `save`, process 0 writes every
+  (path, way)'s losses, step by step, to that .npz under the key "path|way"."""
   data = local_batches(STEPS_PER_EPOCH)
   print(f"{jax.device_count()} {jax.devices()[0].platform} devices, "
-        f"{jax.process_count()} process(es)")
+        f"{jax.process_count()} process(es)", flush=True)
   one_host = jax.process_count() == 1  # else one device sees only its own host's data
-  gaps = {}
+  gaps, history = {}, {}
   for path in paths:
-    reference = train(path, "one device", data, steps) if one_host else None
+    reference = train(path, ways[0], data, steps) if one_host else None
+    if one_host:
+      history[f"{path}|{ways[0]}"] = reference
     for way in ways[1:]:
       losses = train(path, way, data, steps)
+      history[f"{path}|{way}"] = losses
       line = f"{path:>14}, {way:<26} final losses {np.round(losses[-1], 4)}"
       if one_host:
         gaps[path, way] = float(np.max(np.abs(losses - reference) / np.abs(reference)))
         line += f", largest relative gap to one device {gaps[path, way]:.1e}"
-      print(line)
+      print(line, flush=True)
+  if save is not None and jax.process_index() == 0:
+    np.savez(save, **history)
   return gaps
 
 
@@ -194,9 +213,22 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--paths", nargs="+", default=["stacked", "gram", "representation"])
+  parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS,
+                      help="'one device' is the reference (one process only)")
   parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() first (several hosts)")
+                      help="call jax.distributed.initialize() first (several processes)")
+  parser.add_argument("--coordinator", default=None,
+                      help="host:port of process 0's coordinator (default: from the cluster's "
+                           "environment: SLURM, Open MPI, ..., or JAX_COORDINATOR_ADDRESS)")
+  parser.add_argument("--num-processes", type=int, default=None)
+  parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument("--save", default=None,
+                      help="write every (path, way)'s losses to this .npz (process 0 only)")
   args = parser.parse_args()
   if args.distributed:
-    jax.distributed.initialize()
-  main(args.steps, tuple(args.paths))
+    # CPU devices of different processes talk through gloo over TCP (the default from jax 0.5;
+    # older versions have no cross-process CPU collectives without it). GPUs and TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  main(args.steps, tuple(args.paths), ("one device", *[w for w in args.ways if w != "one device"]),
+       save=args.save)
