@@ -59,7 +59,8 @@ def main(epochs: int = 10) -> jax.Array:
   (_, grad), _ = grad_fn(params, bal_state, x[0], y[0])
   losses, jac = mtl_optax.value_and_jacrev(losses_fn)(params, x[0], y[0])
   stacked = optax.chain(balancer, mtl_optax.sum_tasks())
-  grad_jac, _ = stacked.update(jac, (bal_state, optax.EmptyState()), params, losses=losses)
+  grad_jac, _ = stacked.update(jac, (bal_state, mtl_optax.sum_tasks().init(params)), params,
+                               losses=losses)
   gap = max(jax.tree.leaves(jax.tree.map(lambda a, b: jnp.abs(a - b).max(), grad, grad_jac)))
   print(f"largest difference from the Jacobian path: {gap:.2e}")
   return history

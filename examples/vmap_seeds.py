@@ -34,7 +34,7 @@ def main(seeds: int = 4, steps: int = 200) -> jax.Array:
 
   def train(key):
     k_init, k_rlw = jax.random.split(key)
-    balancer = mtl_optax.rlw(K, key=k_rlw)
+    balancer = mtl_optax.rlw(NUM_TASKS, key=k_rlw)
     grad_fn = mtl_optax.value_and_reweighted_grad(losses_fn, balancer)
     params = model.init(k_init, x)
 

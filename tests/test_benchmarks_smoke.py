@@ -83,7 +83,7 @@ def test_single_backward_and_jacobian_paths_train_alike():
   ds, model = synthetic(), models.build("mlp", 3, 1, hidden=8, depth=1)
   args = dict(seeds=2, epochs=2, batch_size=16, lr=1e-2, progress=False)
   single, _ = run.train(ds, model, methods.registry()["si"], **args)
-  jac = lambda k, spe, key: methods.Links(mtl_optax.log_losses(), mtl_optax.sum_tasks())
+  jac = lambda k, spe, key: methods.Links(mtl_optax.log_losses(k), mtl_optax.sum_tasks())
   stacked, _ = run.train(ds, model, jac, **args)
   for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(stacked)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -109,10 +109,10 @@ def test_gradient_balancers_see_only_the_trunk():
   def aggregate(shared_rows, state, losses, params):
     seen.append(jax.tree.map(lambda r: r is not None, shared_rows["params"],
                              is_leaf=lambda r: r is None))
-    return jax.tree.map(lambda r: r.mean(0), shared_rows), None, state
+    return jax.tree.map(lambda r: r.mean(0), shared_rows), jnp.full(3, 1 / 3), None, state
 
   def factory(k, spe, key):
-    agg = mtl_optax.aggregator("mean_trunk", lambda p: optax.EmptyState(), aggregate,
+    agg = mtl_optax.aggregator("mean_trunk", k, lambda p: optax.EmptyState(), aggregate,
                                shared=models.shared_mask)
     return methods.Links(None, agg)
 

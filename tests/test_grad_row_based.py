@@ -47,7 +47,7 @@ def test_graddrop_matches_numpy_with_the_same_draws(k):
   for kind in KINDS:
     rows = jacobian(k, kind)
     for leak in (0.0, tuple(np.linspace(0.0, 0.9, k))):
-      out = run(make("graddrop", key=0, leak=leak), [rows], key=5)[0]
+      out = run(make("graddrop", k, key=0, leak=leak), [rows], key=5)[0]
       assert_close(out, graddrop_ref(rows, 5, np.asarray(leak)), rows, rtol=1e-5)
 
 
@@ -55,7 +55,7 @@ def test_graddrop_matches_numpy_with_the_same_draws(k):
 def test_graddrop_keeps_one_sign_per_entry(key):
   """For every draw, each entry is the sum of the positive or of the negative parts."""
   rows = jacobian(3, "random", key)
-  out = run(make("graddrop", key=0), [rows], key=key)[0]
+  out = run(make("graddrop", 3, key=0), [rows], key=key)[0]
   pos, neg = np.where(rows > 0, rows, 0).sum(0), np.where(rows < 0, rows, 0).sum(0)
   ok = np.isclose(out, pos, rtol=1e-6, atol=1e-6) | np.isclose(out, neg, rtol=1e-6, atol=1e-6)
   assert ok.all()
@@ -63,7 +63,7 @@ def test_graddrop_keeps_one_sign_per_entry(key):
 
 def test_graddrop_full_leak_is_the_sum():
   rows = jacobian(3, "random")
-  assert_close(run(make("graddrop", key=0, leak=1.0), [rows])[0], rows.sum(0), rows, rtol=1e-6)
+  assert_close(run(make("graddrop", 3, key=0, leak=1.0), [rows])[0], rows.sum(0), rows, rtol=1e-6)
 
 
 # -- MoCo --
@@ -183,7 +183,7 @@ FACTORIES = {
     "imtl_g": lambda k, **kw: make("imtl_g", k, **kw),
     "imtl": lambda k, **kw: make("imtl", k, **kw),
     "aligned_mtl": lambda k, **kw: make("aligned_mtl", k, **kw),
-    "graddrop": lambda k, **kw: make("graddrop", key=0, **kw),
+    "graddrop": lambda k, **kw: make("graddrop", k, key=0, **kw),
     "gradnorm": lambda k, **kw: make("gradnorm", k, **kw),
     "moco": lambda k, **kw: make("moco", k, **kw),
     "db_mtl": lambda k, **kw: make("db_mtl", k, **kw),

@@ -73,7 +73,7 @@ def test_stch_matches_libmtl_over_its_phases():
       z = nadir_sum / spe
       e = np.exp(np.log(losses / z) / mu)
       want = K * e / e.sum() / losses
-    close(out["w"], want[:, None] * np.asarray(rows["w"]))
+    close(out.rows["w"], want[:, None] * np.asarray(rows["w"]))
 
 
 # -- ExcessMTL --
@@ -104,7 +104,7 @@ def test_excess_mtl_zero_first_row_stays_finite():
   rows = jnp.asarray(np.random.default_rng(3).normal(size=(K, N)), jnp.float32)
   _, state = tx.update({"w": rows.at[0].set(0.0)}, tx.init({"w": jnp.zeros(N)}))
   out, state = tx.update({"w": rows}, state)
-  assert np.all(np.isfinite(out["w"])) and np.all(np.isfinite(state.log_weights))
+  assert np.all(np.isfinite(out["w"])) and np.all(np.isfinite(state.inner.log_weights))
 
 
 # -- FairGrad --
