@@ -101,7 +101,8 @@ def _check_one_row(update: Any, rows: RepresentationRows) -> None:
       or _shapes(update) != [r.shape[1:] for r in jax.tree.leaves(rows)]):
     raise ValueError(f"pullback takes one row shaped {expected} (the rows without their task "
                      "axis: what a gradient balancer or mtl_optax.sum_tasks() makes of them), "
-                     f"got {shape(update)}.")
+                     f"got {shape(update)}; mtl_optax.value_and_grad(..., "
+                     "path='representation') calls it for you.")
 
 
 def _check_representation(z: Any) -> None:
