@@ -10,7 +10,8 @@ newer fusion emitters (jaxlib <= 0.10) or its FAST_COMPILE preset (jaxlib >= 0.1
 XLA aborts the whole process on a flag it does not know (jaxlib 0.12 dropped
 `--xla_cpu_use_fusion_emitters`), so no flag is set blind: a child process initializes the CPU
 backend and compiles one function with the candidates, and only the flags it accepts are kept
-(all of them at once if that works, else each one alone). The answer is cached per jaxlib
+(all of them at once if that works, else each one alone; of two alternatives, the first one
+accepted). The answer is cached per jaxlib
 version in `.pytest_cache/`, so the probe costs a few seconds once. Set before any test
 initializes JAX's backend; flags a user already set in XLA_FLAGS are kept, and the ones here
 come after them. `MTL_OPTAX_TEST_XLA_FLAGS` replaces the candidates (empty: none).
@@ -23,9 +24,10 @@ import pathlib
 import subprocess
 import sys
 
+# Each entry: alternatives, the first one the installed jaxlib accepts is kept (none: skipped).
 CANDIDATES = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-              "--xla_cpu_parallel_codegen_split_count=1 --xla_cpu_use_fusion_emitters=false "
-              "--xla_cpu_opt_preset=FAST_COMPILE")
+              "--xla_cpu_parallel_codegen_split_count=1 "
+              "--xla_cpu_use_fusion_emitters=false|--xla_cpu_opt_preset=FAST_COMPILE")
 _DONE = "_MTL_OPTAX_TEST_XLA_FLAGS_SET"  # set in the controller, inherited by xdist workers
 _PROBE = "import jax, jax.numpy as jnp; jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()"
 
@@ -41,8 +43,9 @@ def _accepted(flags, base):
 
 
 def supported_flags(candidates, base=""):
-  """The candidates that the installed jaxlib accepts (cached per jaxlib version)."""
-  candidates = candidates.split()
+  """The candidates that the installed jaxlib accepts (cached per jaxlib version); of
+  alternatives `a|b`, the first accepted one."""
+  candidates = [c.split("|") for c in candidates.split()]
   if not candidates:
     return []
   try:
@@ -50,17 +53,17 @@ def supported_flags(candidates, base=""):
   except importlib.metadata.PackageNotFoundError:
     version = "unknown"
   cache = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "mtl_optax_xla_flags.json"
-  key = f"{version} {sys.version_info[0]}.{sys.version_info[1]} {base} | {' '.join(candidates)}"
+  key = f"{version} {sys.version_info[0]}.{sys.version_info[1]} {base} | {' '.join('|'.join(c) for c in candidates)}"
   try:
     known = json.loads(cache.read_text())
   except (OSError, ValueError):
     known = {}
   if key in known:
     return known[key]
-  if _accepted(candidates, base):
-    kept = candidates
-  else:
-    kept = [f for f in candidates if _accepted([f], base)]
+  kept = [c[0] for c in candidates]
+  if not _accepted(kept, base):
+    kept = [next((f for f in c if _accepted([f], base)), None) for c in candidates]
+    kept = [f for f in kept if f is not None]
     if kept and not _accepted(kept, base):  # accepted one by one, not together: keep none
       kept = []
   known[key] = kept
