@@ -66,6 +66,28 @@ def np_lp(m, c, x0):
   return d * min(points, key=lambda y: c @ y)
 
 
+def np_linear_cost(mn, cos, p):
+  """(1 - cos) * grad of sum_i (M a)_i + cos * grad of phi at p (Nash-MTL's linearization)."""
+  return (1.0 - cos) * mn.sum(0) + cos * (1.0 / p + mn @ (1.0 / (mn @ p)))
+
+
+def np_ccp(m, cos, alpha0, steps):
+  """The Eq. 13 CCP on M / ||M||_F, `steps` SciPy LPs, mapped back by 1 / sqrt(||M||_F)."""
+  norm = np.linalg.norm(m)
+  mn = m / norm
+  nash = np_nash(mn)
+  p = alpha0 * np.sqrt(norm)
+  if not (np.all(p > 0) and np.all(mn @ p > 0)):
+    p = nash
+  for _ in range(steps):
+    p = np_lp(mn, np_linear_cost(mn, cos, p), 2.0 * nash)
+  return p / np.sqrt(norm)
+
+
+def f32(x):
+  return jnp.asarray(x, jnp.float32)
+
+
 # -- (a) one convex subproblem --
 
 @pytest.mark.parametrize("k", [2, 3, 5])
