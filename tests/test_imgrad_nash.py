@@ -37,8 +37,10 @@ def np_lp(m, c, x0):
   """argmin c^T x s.t. log x_i + log (M x)_i >= 0 by SLSQP (concave constraints, floored).
 
   Solved for y = x * sqrt(diag M) (unit-diagonal Gram matrix, as imbalanced rows otherwise
-  stall SLSQP); the best feasible run (success, or 8: stopped at float64 precision) from x0
-  and from two points nearer the boundary (some runs drift out of the domain).
+  stall SLSQP). No solver's own verdict is trusted: every run's point is certified by its
+  feasibility alone, and the answer is the best feasible point of SLSQP from x0 and from two
+  points nearer the boundary (some runs drift out of the domain), of trust-constr where no
+  SLSQP run stopped cleanly, and of x0 itself (feasible: x0 = 2 x Nash gives log 4 >= 0).
   """
   d = 1.0 / np.sqrt(np.diag(m))
   m, c = d[:, None] * m * d[None, :], c * d
@@ -46,18 +48,22 @@ def np_lp(m, c, x0):
   def fun(y):
     return np.log(np.maximum(y, 1e-12)) + np.log(np.maximum(m @ y, 1e-12))
 
+  def feasible(y):
+    return np.all(np.isfinite(y)) and fun(y).min() > -1e-9
+
   cons = {"type": "ineq", "fun": fun,
           "jac": lambda y: np.diag(1.0 / y) + m / (m @ y)[:, None]}
-  best = None
-  for start in (x0 / d, 0.55 * x0 / d, 0.75 * x0 / d):
-    r = optimize.minimize(lambda y: c @ y, start, jac=lambda y: c, constraints=cons,
-                          bounds=[(1e-12, None)] * len(c), method="SLSQP",
-                          options={"ftol": 1e-15, "maxiter": 1000})
-    ok = r.status in (0, 8) and fun(r.x).min() > -1e-9
-    if ok and (best is None or c @ r.x < c @ best):
-      best = r.x
-  assert best is not None
-  return d * best
+  bounds = [(1e-12, None)] * len(c)
+  runs = [optimize.minimize(lambda y: c @ y, start, jac=lambda y: c, constraints=cons,
+                            bounds=bounds, method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000})
+          for start in (x0 / d, 0.55 * x0 / d, 0.75 * x0 / d)]
+  if not any(r.status in (0, 8) and feasible(r.x) for r in runs):
+    runs.append(optimize.minimize(lambda y: c @ y, x0 / d, jac=lambda y: c, constraints=cons,
+                                  bounds=bounds, method="trust-constr",
+                                  options={"gtol": 1e-13, "xtol": 1e-15, "maxiter": 5000}))
+  points = [y for y in [x0 / d] + [r.x for r in runs] if feasible(y)]
+  assert points, "x0 is not feasible: the caller's start is wrong"
+  return d * min(points, key=lambda y: c @ y)
 
 
 def np_linear_cost(mn, cos, p):

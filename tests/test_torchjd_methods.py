@@ -1,15 +1,16 @@
 """torchjd's aggregators (DualProj, ConFIG, Krum, TrimmedMean, Constant,
-CR-MOGM, PCD), each against an independent NumPy / SciPy computation of its formula on the rows
-themselves (float64, no Gram-matrix bookkeeping), and their argument checks."""
+CR-MOGM, PCD), each against an independent NumPy computation of its formula on the rows
+themselves (float64, no Gram-matrix bookkeeping; the projections exactly, by their KKT
+conditions), and their argument checks."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from scipy.optimize import minimize
 
 import mtl_optax
 from mtl_optax import registry
@@ -51,13 +52,37 @@ def close(got, want, g, rtol=1e-4):
 
 # -- DualProj --
 
+def nearest_feasible_point(x, a, b):
+  """argmin_d ||d - x||^2 s.t. a d >= b, exactly and without a solver: for every set S of
+  constraints taken as equalities, d = x + a_S^T lam_S with a_S d = b_S (least squares); the
+  answer is the candidate that satisfies the KKT conditions (a d >= b, lam >= 0, a_S d = b_S)
+  best. The projection onto a nonempty polyhedron is one of these candidates (S the active rows,
+  linearly independent by Caratheodory), so this cannot fail on a feasible problem; the KKT
+  residual of the returned point is checked."""
+  norms = np.linalg.norm(a, axis=1)
+  keep = norms > 0
+  assert np.all(b[~keep] <= 0), "a zero row with b > 0: infeasible"
+  a, b = a[keep] / norms[keep, None], b[keep] / norms[keep]  # unit rows: lam in x's units
+  size = np.linalg.norm(x) + np.abs(b).max(initial=0.0)
+  best, best_violation = x, np.inf
+  for active in itertools.product((False, True), repeat=len(a)):
+    s = np.array(active, bool)
+    lam = np.zeros(len(a))
+    if s.any():
+      lam[s] = np.linalg.lstsq(a[s] @ a[s].T, b[s] - a[s] @ x, rcond=None)[0]
+    d = x + a.T @ lam
+    slack = a @ d - b
+    violation = max(np.max(-slack, initial=0.0), np.max(-lam, initial=0.0),
+                    np.max(np.abs(slack[s]), initial=0.0))
+    if violation < best_violation:
+      best, best_violation = d, violation
+  assert best_violation <= 1e-9 * max(size, 1e-300), ("no KKT point: infeasible", best_violation)
+  return best
+
+
 def project_onto_dual_cone(g, x):
-  """argmin_{d : G d >= 0} ||d - x||^2 by SciPy's SLSQP on the primal problem."""
-  res = minimize(lambda d: np.sum((d - x) ** 2), x, jac=lambda d: 2 * (d - x),
-                 constraints={"type": "ineq", "fun": lambda d: g @ d, "jac": lambda d: g},
-                 method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
-  assert res.success
-  return res.x
+  """argmin_{d : G d >= 0} ||d - x||^2, exactly (`nearest_feasible_point`)."""
+  return nearest_feasible_point(x, g, np.zeros(len(g)))
 
 
 @pytest.mark.parametrize("k,kind,seed", [(3, "conflict", 0), (5, "conflict", 1),
@@ -260,15 +285,9 @@ def pcd_rows(k, seed, n=N):
 
 
 def pcd_qp(gt, tau):
-  """argmin_d 1/2 ||d - gt_0||^2 s.t. gt_j . d >= tau_j ||gt_j||^2 (j >= 1), by SciPy's SLSQP
-  on the primal problem."""
-  rhs = tau * np.sum(gt[1:] ** 2, axis=1)
-  res = minimize(lambda d: 0.5 * np.sum((d - gt[0]) ** 2), gt[0], jac=lambda d: d - gt[0],
-                 constraints={"type": "ineq", "fun": lambda d: gt[1:] @ d - rhs,
-                              "jac": lambda d: gt[1:]},
-                 method="SLSQP", options={"ftol": 1e-15, "maxiter": 500})
-  assert res.success
-  return res.x
+  """argmin_d 1/2 ||d - gt_0||^2 s.t. gt_j . d >= tau_j ||gt_j||^2 (j >= 1), exactly
+  (`nearest_feasible_point`: the KKT point of the primal QP, no solver)."""
+  return nearest_feasible_point(gt[0], gt[1:], tau * np.sum(gt[1:] ** 2, axis=1))
 
 
 class PCDRef:
@@ -299,7 +318,7 @@ class PCDRef:
 @pytest.mark.parametrize("k,tau,beta", [(3, 0.02, 0.999), (4, [0.1, 0.3, 0.05], 0.8),
                                         (2, 0.2, 0.9)])
 def test_pcd_matches_the_primal_qp_over_steps(k, tau, beta):
-  """Four steps against `PCDRef` (SLSQP; the closed form at K = 2): the update, the moving
+  """Four steps against `PCDRef` (the exact QP; the closed form at K = 2): the update, the moving
   average in the state, and the guarantee g~_j . d~ >= tau_j ||g~_j||^2 on the weights."""
   tx = mtl_optax.pcd(k, tau=tau, beta=beta)
   ref = PCDRef(k, tau, beta, closed_form=k == 2)
