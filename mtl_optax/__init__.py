@@ -42,6 +42,11 @@ from mtl_optax.grad.pcgrad import PCGradState, pcgrad, pcgrad_weights
 from mtl_optax.grad.sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
 from mtl_optax.grad.robust import krum, krum_weights, trimmed_mean
 from mtl_optax.grad.upgrad import upgrad, upgrad_weights
+from mtl_optax.grad.threshold import ThresholdState, threshold
+
+# Watching training: conflict and imbalance diagnostics of each step.
+from mtl_optax.diagnostics import (Diagnostics, DiagnosticsState, diagnostics_from_gram,
+                                   diagnostics_from_rows, with_diagnostics)
 
 # The SAC agent behind IGBv2.
 from mtl_optax.rl import SAC, SACState, sac
@@ -61,6 +66,8 @@ __all__ = (
     "CRMOGMState",
     "DBMTLState",
     "DWAState",
+    "Diagnostics",
+    "DiagnosticsState",
     "ExcessMTLState",
     "FAMOState",
     "GradDropState",
@@ -83,6 +90,7 @@ __all__ = (
     "SACState",
     "SDMGradState",
     "STCHState",
+    "ThresholdState",
     "aggregator",
     "aligned_mtl",
     "aligned_mtl_weights",
@@ -96,6 +104,8 @@ __all__ = (
     "cr_mogm_weights",
     "db_mtl",
     "delta_m",
+    "diagnostics_from_gram",
+    "diagnostics_from_rows",
     "dualproj",
     "dualproj_weights",
     "dwa",
@@ -145,6 +155,7 @@ __all__ = (
     "stch",
     "sum_tasks",
     "task_weights",
+    "threshold",
     "trimmed_mean",
     "upgrad",
     "upgrad_weights",
@@ -152,4 +163,5 @@ __all__ = (
     "value_and_jacrev",
     "value_and_representation_jacrev",
     "value_and_reweighted_grad",
+    "with_diagnostics",
 )
