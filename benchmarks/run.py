@@ -82,6 +82,7 @@ class Result(NamedTuple):
   metrics: np.ndarray  # (seeds, K) test metric per task
   seconds: float       # training time of all seeds together, compilation excluded
   history: dict[str, np.ndarray] | None = None  # with diagnostics: per run and step (`record`)
+  test: np.ndarray | None = None  # (seeds, K) on test too, for a `--split val --also-test` run
 
 
 def _flag(state: Any, name: str) -> jax.Array:
@@ -277,7 +278,7 @@ def seeds_score(ds: data.Dataset, model: models.MultiHead) -> Callable:
 
 def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, methods.Factory],
               split: str = "test", progress: bool = True, plateau: bool = False,
-              stl: str = "train", diagnostics: bool = False,
+              stl: str = "train", diagnostics: bool = False, also_test: bool = False,
               **train_args: Any) -> dict[str, Result]:
   """STL, EW and every chosen method, each over the seeds; results keyed by method name.
   `plateau`: the seeds recipe's learning-rate schedule (`Plateau` on `seeds_score`).
@@ -290,6 +291,8 @@ def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, metho
   k, ew = len(ds.task_names), methods.registry()["ew"]
   if stl == "paper":
     results = {"stl": Result((QM9_REFERENCE_STL / QM9_MEV)[None], float("nan"))}
+  elif stl == "ew":  # no STL runs: Delta_m against this run's EW (filled in below)
+    results = {}
   else:
     params, seconds = run(ew, "stl", task_weights=np.eye(k, dtype=np.float32))
     per_run = evaluate(ds, model, params, split).reshape(-1, k, k)  # (seeds, run k, task)
@@ -298,7 +301,12 @@ def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, metho
   for name in tqdm(todo, desc=f"{ds.name} methods", disable=not progress):
     params, seconds, *history = run(todo[name], name, diagnostics=diagnostics)
     results[name] = Result(evaluate(ds, model, params, split), seconds,
-                           history[0] if history else None)
+                           history[0] if history else None,
+                           evaluate(ds, model, params, "test") if also_test else None)
+  if stl == "ew":
+    results = {"stl": Result(results["ew"].metrics.mean(0, keepdims=True), float("nan"),
+                             test=(results["ew"].test.mean(0, keepdims=True) if also_test
+                                   else None)), **results}
   return results
 
 
@@ -333,8 +341,9 @@ def table(ds: data.Dataset, results: dict[str, Result], split: str = "test") -> 
 def report(ds: data.Dataset, results: dict[str, Result], args: argparse.Namespace,
            command: str) -> str:
   schedule = " on a validation plateau (x0.7, patience 5)" if args.plateau else ""
-  stl = (", STL: Navon et al. 2022's test MAE (not trained here)" if args.stl == "paper"
-         else "")
+  stl = {"paper": ", STL: Navon et al. 2022's test MAE (not trained here)",
+         "ew": ", no STL: Delta_m against this run's EW (the 'stl' row is EW's mean over seeds)"
+         }.get(args.stl, "")
   settings = (f"model {args.model}, epochs {args.epochs}, seeds {args.seeds}, batch "
               f"{args.batch_size}, Adam lr {args.lr}{schedule}, {len(ds.train.x)} training "
               f"examples, evaluated on {args.split} ({len(getattr(ds, args.split).x)}), "
@@ -361,14 +370,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--hidden", type=int)
   p.add_argument("--depth", type=int)
   p.add_argument("--split", default="test", choices=["val", "test"])
-  p.add_argument("--stl", default="train", choices=["train", "paper"],
-                 help="'paper': Delta_m against Navon et al.'s STL (QM9, --recipe seeds)")
+  p.add_argument("--stl", default="train", choices=["train", "paper", "ew"],
+                 help="'paper': Delta_m against Navon et al.'s STL (QM9, --recipe seeds); "
+                 "'ew': no STL runs, Delta_m against EW's mean over seeds")
   p.add_argument("--runs", choices=["vmap", "sequential"],
                  help="seeds and STL runs vmapped (default) or one after another (GNN)")
   p.add_argument("--smoke", action="store_true",
                  help="tiny data and model, 1 epoch; prints the table, writes only to --out")
   p.add_argument("--out", type=Path, help="the Markdown file (default results/<dataset>.md)")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--also-test", action="store_true",
+                 help="with --split val and --stl ew: also evaluate on test, a second table "
+                 "<out>_test.md (pick on val, read the pick on test, one training run)")
   p.add_argument("--diagnostics", type=Path, nargs="?", const=True,
                  help="record every step's conflict and imbalance diagnostics "
                  "(mtl_optax.with_diagnostics) and write their table here (default "
@@ -410,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
     watch = bool(args.diagnostics) or args.plots is not None
     results = benchmark(ds, model, chosen, split=run_args.split, plateau=run_args.plateau,
                         stl=args.stl, vmap_runs=run_args.runs == "vmap", diagnostics=watch,
+                        also_test=args.also_test,
                         progress=not args.no_progress, seeds=run_args.seeds,
                         epochs=run_args.epochs, batch_size=run_args.batch_size, lr=run_args.lr)
     text = report(ds, results, run_args, command)
@@ -419,6 +433,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
       out = out.with_name(f"{out.stem}_{name}{out.suffix}") if len(names) > 1 else out
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_text(text)
+      if args.also_test:
+        if args.stl == "train":
+          raise SystemExit("--also-test needs --stl ew (STL is evaluated on one split)")
+        tests = {n: r._replace(metrics=r.test) for n, r in results.items()}
+        test_args = argparse.Namespace(**{**vars(run_args), "split": "test"})
+        out.with_name(f"{out.stem}_test{out.suffix}").write_text(
+            report(ds, tests, test_args, command))
     if watch:
       diag_out = (RESULTS / f"diagnostics_{name}.md" if args.diagnostics in (None, True)
                   else args.diagnostics)

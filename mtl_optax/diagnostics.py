@@ -156,7 +156,7 @@ def diagnostics_from_rows(rows: Tree, update: Tree, mask: Tree = None,
     >>> rows = {"w": jnp.array([[1.0, 0.0], [-1.0, 0.1]])}
     >>> diag = mtl_optax.diagnostics_from_rows(rows, {"w": jnp.array([0.0, 0.1])})  # the sum
     >>> print(diag.cosines.round(3), bool(diag.pareto_failure), float(diag.conflict_share))
-    [0.    0.995] False 1.0
+    [0.  0.1] False 1.0
   """
   if mask is not None:
     rows, update = tree_lib.split(rows, mask)[0], tree_lib.split(update, mask)[0]
@@ -264,7 +264,7 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
     >>> jac = {"w": jnp.array([[1.0, 0.0], [-1.0, 2.0]])}
     >>> d, state = tx.update(jac, tx.init({"w": jnp.zeros(2)}))
     >>> print(state.diagnostics.cosines.round(3), bool(state.diagnostics.pareto_failure))
-    [0.447 0.447] False
+    [0.707 0.316] False
   """
   check_positive_int(num_tasks, "with_diagnostics: num_tasks")
   inner = optax.with_extra_args_support(balancer)
