@@ -27,7 +27,7 @@ from benchmarks import models  # noqa: E402
 from benchmarks.step_time import (FlaxProblem, _compiled, _table, cpu_model,  # noqa: E402
                                   median_times)
 
-METHODS = ("sum_tasks", "mgda", "pcgrad", "nash_mtl", "cagrad@imbalance")
+METHODS = ("sum_tasks", "mgda", "nash_mtl", "cagrad@imbalance")
 PATHS = ("stacked", "gram", "representation")
 
 

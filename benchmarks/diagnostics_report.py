@@ -34,7 +34,9 @@ def summary(history: dict[str, np.ndarray]) -> dict[str, Any]:
   return dict(pareto=pareto.mean(1), pareto_high=masked(high), pareto_low=masked(low),
               ratio_median=np.nanmedian(finite), ratio_p90=np.nanpercentile(finite, 90),
               ratio_inf=float(np.mean(~np.isfinite(ratio))),
-              min_cos=history["min_cos"].mean(), conflict=history["conflict"].mean(),
+              min_cos=history["min_cos"].mean(),
+              min_pair_q=np.percentile(history["min_pair"], [10, 50, 90]),
+              conflict=history["conflict"].mean(),
               effective=history["effective"].mean(),
               fallbacks=(~history["converged"].astype(bool)).sum(1).mean(),
               applied=history["applied"].astype(float).mean())
@@ -45,8 +47,8 @@ def table(results: dict[str, Any], num_tasks: int) -> str:
   lines = [
       "| Method | Pareto failure (% of steps) | in the 25% most imbalanced steps | in the 25% "
       "least | imbalance ratio: median | 90th pct | min_i cos(g_i, d): mean | conflicting "
-      f"pairs (%) | effective tasks (of {num_tasks}) | solver fallbacks / run | inner applied "
-      "(%) |", "|---" * 11 + "|"]
+      f"pairs (%) | min_{{i<j}} cos(g_i, g_j): 10th / 50th / 90th pct | effective tasks (of "
+      f"{num_tasks}) | solver fallbacks / run | inner applied (%) |", "|---" * 12 + "|"]
   for name, res in results.items():
     if res.history is None:
       continue
@@ -54,7 +56,8 @@ def table(results: dict[str, Any], num_tasks: int) -> str:
     lines.append(
         f"| {name} | {_rate(s['pareto'])} | {_rate(s['pareto_high'])} | "
         f"{_rate(s['pareto_low'])} | {s['ratio_median']:.3g} | {s['ratio_p90']:.3g} | "
-        f"{s['min_cos']:.3f} | {100 * s['conflict']:.1f} | {s['effective']:.2f} | "
+        f"{s['min_cos']:.3f} | {100 * s['conflict']:.1f} | "
+        f"{' / '.join(f'{q:.2f}' for q in s['min_pair_q'])} | {s['effective']:.2f} | "
         f"{s['fallbacks']:.1f} | {100 * s['applied']:.0f} |")
   return "\n".join(lines) + "\n"
 
