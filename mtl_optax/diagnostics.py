@@ -135,7 +135,7 @@ def diagnostics_from_gram(gram: jax.Array, weights: jax.Array,
 def diagnostics_from_rows(rows: Tree, update: Tree, mask: Tree = None,
                           weights: jax.Array | None = None,
                           converged: jax.Array | bool | None = None, *,
-                          tol: float = TOL) -> Diagnostics:
+                          tol: float = TOL, axis_name: Any = None) -> Diagnostics:
   """The diagnostics of an update d from the stacked rows and d themselves (any method).
 
   Args:
@@ -147,6 +147,8 @@ def diagnostics_from_rows(rows: Tree, update: Tree, mask: Tree = None,
       of d's projection onto the rows' span (the weights themselves when the rows are linearly
       independent and d is in their span, as for every Gram-based method).
     converged, tol: as for `diagnostics_from_gram`.
+    axis_name: inside `shard_map`, the mesh axes the rows and d are split over (z split over
+      the batch): the contractions are summed over them (`jax.lax.psum`).
 
   Returns:
     A `Diagnostics`.
@@ -160,15 +162,16 @@ def diagnostics_from_rows(rows: Tree, update: Tree, mask: Tree = None,
   """
   if mask is not None:
     rows, update = tree_lib.split(rows, mask)[0], tree_lib.split(update, mask)[0]
-  gram = tree_lib.gram(rows)
+  gram = tree_lib.gram(rows, axis_name=axis_name)
   dtype = gram.dtype
+  psum = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
 
   def leaf_progress(row, d):
     flat = row.reshape(row.shape[0], -1).astype(dtype)
     return flat @ d.reshape(-1).astype(dtype)
 
-  progress = sum(jax.tree.leaves(jax.tree.map(leaf_progress, rows, update)))
-  d_sq = sum(jnp.sum(jnp.square(d.astype(dtype))) for d in jax.tree.leaves(update))
+  progress = psum(sum(jax.tree.leaves(jax.tree.map(leaf_progress, rows, update))))
+  d_sq = psum(sum(jnp.sum(jnp.square(d.astype(dtype))) for d in jax.tree.leaves(update)))
   if weights is None:
     weights = jnp.linalg.pinv(gram, hermitian=True) @ progress
   return _from_parts(gram, progress, jnp.asarray(d_sq, dtype), weights, converged, tol)
@@ -234,8 +237,9 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
                      tol: float = TOL) -> optax.GradientTransformationExtraArgs:
   """`balancer` with the diagnostics of each update kept in its state (`DiagnosticsState`).
 
-  The update is `balancer`'s, unchanged (bitwise); the wrapper reads the rows it received and
-  the update it made:
+  The update is `balancer`'s, unchanged (bitwise on the stacked and representation paths; on
+  the Gram-only path the same computation, which XLA may compile differently inside the larger
+  program: equal to rounding); the wrapper reads the rows it received and the update it made:
 
   - Gram-only path (`GramRows`): the Gram matrix the balancer computed (the same computation,
     kept once; a balancer that never reads it, e.g. a loss balancer alone, makes the wrapper
@@ -289,7 +293,8 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
       converged = reported_convergence(inner_state)
       mask = tree_lib.rows_mask(shared, updates, params)
       diag = diagnostics_from_rows(jax.lax.stop_gradient(updates), jax.lax.stop_gradient(out),
-                                   mask, gram_weights_in(inner_state), converged, tol=tol)
+                                   mask, gram_weights_in(inner_state), converged, tol=tol,
+                                   axis_name=extra_args.get("axis_name"))
     diag = jax.tree.map(lambda new, old: new.astype(old.dtype), diag, state.diagnostics)
     fallbacks = state.fallbacks + jnp.where(diag.converged, 0, 1).astype(jnp.int32)
     return out, DiagnosticsState(inner_state, diag, fallbacks, state.steps + 1)

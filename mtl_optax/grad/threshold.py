@@ -122,7 +122,10 @@ def threshold(
       out = GramUpdate(w, v, seen["mask"])
     else:
       mask = tree_lib.rows_mask(shared, updates, params)
-      apply = choose(tree_lib.gram(tree_lib.split(updates, mask)[0]))
+      # Inside shard_map with rows split over devices, the devices' Gram matrices are summed
+      # (as the inner balancer does), so every device takes the same branch.
+      apply = choose(tree_lib.gram(tree_lib.split(updates, mask)[0],
+                                   axis_name=extra_args.get("axis_name")))
 
       def balanced(inner_state):
         return inner.update(updates, inner_state, params, **extra_args)
