@@ -144,7 +144,8 @@ def registry(dataset: str | None = None) -> dict[str, Factory]:
 
 def accepts(name: str, num_tasks: int) -> bool:
   """Whether the method `name` runs with `num_tasks` tasks (Krum needs 3)."""
-  method = balancers.METHODS.get(name.removesuffix("_rep"))
+  base = name.removesuffix("_rep")
+  method = balancers.METHODS.get(base.split("=")[0] if "@" in base else base)
   return method is None or num_tasks >= method.min_tasks
 
 
@@ -155,6 +156,11 @@ def select(names: str, dataset: str | None = None) -> dict[str, Factory]:
     return methods
   methods.update(beta_grid())
   chosen = [n.strip() for n in names.split(",") if n.strip()]
+  for n in chosen:  # any threshold by name: "cagrad@imbalance=5", "mgda@similarity=-0.1"
+    if n not in methods and "@" in n:
+      balancers.threshold_method(n.removesuffix("_rep"))  # raises for a bad name
+      methods[n] = _gradient(n.removesuffix("_rep"),
+                             "representation" if n.endswith("_rep") else "stacked")
   unknown = [n for n in chosen if n not in methods]
   if unknown:
     raise ValueError(f"Unknown or unavailable methods {unknown}; available: {list(methods)}.")

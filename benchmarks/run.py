@@ -37,7 +37,7 @@ import optax
 from tqdm.auto import tqdm
 
 import mtl_optax
-from benchmarks import data, methods, models
+from benchmarks import data, diagnostics_report, methods, models
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Per dataset: model, width, depth, batch size, epochs.
@@ -81,6 +81,25 @@ class RunState(NamedTuple):
 class Result(NamedTuple):
   metrics: np.ndarray  # (seeds, K) test metric per task
   seconds: float       # training time of all seeds together, compilation excluded
+  history: dict[str, np.ndarray] | None = None  # with diagnostics: per run and step (`record`)
+  test: np.ndarray | None = None  # (seeds, K) on test too, for a `--split val --also-test` run
+
+
+def _flag(state: Any, name: str) -> jax.Array:
+  """The field `name` of a (nested) state, e.g. a threshold's `applied`; True if absent."""
+  flags = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+           if path and getattr(path[-1], "name", None) == name]
+  return jnp.all(jnp.array([jnp.all(f) for f in flags])) if flags else jnp.array(True)
+
+
+def record(balancer_state: mtl_optax.DiagnosticsState, losses: jax.Array) -> dict[str, jax.Array]:
+  """One step's training losses and diagnostics (`mtl_optax.with_diagnostics`), as plotted."""
+  diag = balancer_state.diagnostics
+  return dict(losses=losses, weights=diag.normalized_weights, pareto=diag.pareto_failure,
+              ratio=diag.imbalance_ratio, min_cos=jnp.min(diag.cosines),
+              min_pair=diag.min_pair_cosine, conflict=diag.conflict_share,
+              effective=diag.effective_tasks, converged=diag.converged,
+              applied=_flag(balancer_state.inner, "applied"))
 
 
 def task_losses(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -107,14 +126,20 @@ def metric_sums(kind: str, out: jax.Array, y: jax.Array, scale: jax.Array) -> ja
 def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *, seeds: int,
           epochs: int, batch_size: int, lr: float, task_weights: np.ndarray | None = None,
           plateau: Plateau | None = None, desc: str = "", progress: bool = True,
-          vmap_runs: bool = True) -> tuple[optax.Params, float]:
+          vmap_runs: bool = True, diagnostics: bool = False) -> tuple[optax.Params, float]:
   """Trains all runs at once under `jax.vmap`: `seeds` of them, or with `task_weights` (R, K)
   R x `seeds` of them, run r's losses multiplied by `task_weights[r]` (rows e_k: STL).
   `plateau`: after each epoch, each run's learning rate follows its own validation score.
   `vmap_runs=False`: the runs go one after another through the same compiled epoch (the GNN:
   vmapped over runs, XLA's CPU backend ran it 1.4x slower per run and hung at 11 runs).
 
-  Returns the parameters stacked over the runs (seed-major) and the training time.
+  `diagnostics`: each balancer runs under `mtl_optax.with_diagnostics` (on the shared trunk;
+  z-rows on the representation path; EW and the loss balancers on the Gram-only path, which
+  then computes the Gram matrix, so T is not that of a plain run) and every step's `record`
+  is kept.
+
+  Returns the parameters stacked over the runs (seed-major) and the training time; with
+  `diagnostics`, also the history: `record`'s fields, each `(runs, steps, ...)`.
   """
   x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
   n, k = len(x), len(ds.task_names)
@@ -130,8 +155,13 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
 
   def balancer(links):
     if links.aggregator is None:
-      return links.reweighter or mtl_optax.equal_weights(k)
-    return methods.chain(links)
+      tx = links.reweighter or mtl_optax.equal_weights(k)
+    else:
+      tx = methods.chain(links)
+    if diagnostics:
+      tx = mtl_optax.with_diagnostics(
+          tx, k, shared=None if links.path == "representation" else models.shared_mask)
+    return tx
 
   def init(key, weights):
     k_init, k_method, k_data = jax.random.split(key, 3)
@@ -165,13 +195,16 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
     params = optax.apply_updates(state.params, updates)
     post = (loss_fn(params, state.task_weights, xb, yb) if links.post_step_losses
             else state.post_losses)  # one more forward pass, as FAMO's reference code
-    return state._replace(params=params, balancer=bal, adam=adam_state, post_losses=post), losses
+    new = state._replace(params=params, balancer=bal, adam=adam_state, post_losses=post)
+    return new, (record(bal, losses) if diagnostics else losses)
 
   def epoch(state, index, x, y):
     key = jax.random.fold_in(state.data_key, index)
     batches = jax.random.permutation(key, n)[:spe * batch_size].reshape(spe, batch_size)
-    state, losses = jax.lax.scan(lambda s, i: step(s, i, x, y), state, batches)
-    return state, losses.mean(0)
+    state, out = jax.lax.scan(lambda s, i: step(s, i, x, y), state, batches)
+    if diagnostics:
+      return state, (out["losses"].mean(0), out)
+    return state, out.mean(0)
 
   weights = np.ones((1, k), np.float32) if task_weights is None else task_weights
   keys = jax.random.split(jax.random.PRNGKey(0), seeds)
@@ -184,7 +217,7 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
     schedule = optax.contrib.reduce_on_plateau(plateau.factor, plateau.patience + 1,
                                                min_scale=plateau.min_lr / lr)
     reduce = jax.jit(jax.vmap(lambda s, v: schedule.update(jnp.zeros(()), s, value=v)[1]))
-  seconds, params = 0.0, []
+  seconds, params, history = 0.0, [], []
   for group in groups:
     state = init_runs(keys[group], weights[group])
     if plateau is not None:
@@ -194,6 +227,9 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
       start = time.perf_counter()
       state, losses = run_epoch(state, index + e, x, y)
       losses = jax.block_until_ready(losses)
+      if diagnostics:
+        losses, steps = losses
+        history.append((len(params), jax.tree.map(np.asarray, steps)))
       seconds += time.perf_counter() - start
       bar.set_postfix(loss=f"{float(losses.mean()):.4g}")
       if plateau is not None:
@@ -202,7 +238,12 @@ def train(ds: data.Dataset, model: models.MultiHead, factory: methods.Factory, *
         hyper = dict(state.adam.hyperparams, learning_rate=lr * on_plateau.scale)
         state = state._replace(adam=state.adam._replace(hyperparams=hyper))
     params.append(state.params)
-  return jax.tree.map(lambda *p: jnp.concatenate(p), *params), seconds
+  params = jax.tree.map(lambda *p: jnp.concatenate(p), *params)
+  if not diagnostics:
+    return params, seconds
+  per_group = [[h for g, h in history if g == i] for i in range(len(groups))]
+  per_group = [{f: np.concatenate([h[f] for h in hs], axis=1) for f in hs[0]} for hs in per_group]
+  return params, seconds, {f: np.concatenate([h[f] for h in per_group]) for f in per_group[0]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -237,7 +278,8 @@ def seeds_score(ds: data.Dataset, model: models.MultiHead) -> Callable:
 
 def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, methods.Factory],
               split: str = "test", progress: bool = True, plateau: bool = False,
-              stl: str = "train", **train_args: Any) -> dict[str, Result]:
+              stl: str = "train", diagnostics: bool = False, also_test: bool = False,
+              **train_args: Any) -> dict[str, Result]:
   """STL, EW and every chosen method, each over the seeds; results keyed by method name.
   `plateau`: the seeds recipe's learning-rate schedule (`Plateau` on `seeds_score`).
   `stl="paper"`: no STL runs; the baseline is Navon et al.'s STL test MAE (`QM9_REFERENCE_STL`,
@@ -249,14 +291,22 @@ def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, metho
   k, ew = len(ds.task_names), methods.registry()["ew"]
   if stl == "paper":
     results = {"stl": Result((QM9_REFERENCE_STL / QM9_MEV)[None], float("nan"))}
+  elif stl == "ew":  # no STL runs: Delta_m against this run's EW (filled in below)
+    results = {}
   else:
     params, seconds = run(ew, "stl", task_weights=np.eye(k, dtype=np.float32))
     per_run = evaluate(ds, model, params, split).reshape(-1, k, k)  # (seeds, run k, task)
     results = {"stl": Result(np.diagonal(per_run, axis1=1, axis2=2), seconds)}
   todo = {n: f for n, f in {"ew": ew, **chosen}.items() if methods.accepts(n, k)}
   for name in tqdm(todo, desc=f"{ds.name} methods", disable=not progress):
-    params, seconds = run(todo[name], name)
-    results[name] = Result(evaluate(ds, model, params, split), seconds)
+    params, seconds, *history = run(todo[name], name, diagnostics=diagnostics)
+    results[name] = Result(evaluate(ds, model, params, split), seconds,
+                           history[0] if history else None,
+                           evaluate(ds, model, params, "test") if also_test else None)
+  if stl == "ew":
+    results = {"stl": Result(results["ew"].metrics.mean(0, keepdims=True), float("nan"),
+                             test=(results["ew"].test.mean(0, keepdims=True) if also_test
+                                   else None)), **results}
   return results
 
 
@@ -291,8 +341,9 @@ def table(ds: data.Dataset, results: dict[str, Result], split: str = "test") -> 
 def report(ds: data.Dataset, results: dict[str, Result], args: argparse.Namespace,
            command: str) -> str:
   schedule = " on a validation plateau (x0.7, patience 5)" if args.plateau else ""
-  stl = (", STL: Navon et al. 2022's test MAE (not trained here)" if args.stl == "paper"
-         else "")
+  stl = {"paper": ", STL: Navon et al. 2022's test MAE (not trained here)",
+         "ew": ", no STL: Delta_m against this run's EW (the 'stl' row is EW's mean over seeds)"
+         }.get(args.stl, "")
   settings = (f"model {args.model}, epochs {args.epochs}, seeds {args.seeds}, batch "
               f"{args.batch_size}, Adam lr {args.lr}{schedule}, {len(ds.train.x)} training "
               f"examples, evaluated on {args.split} ({len(getattr(ds, args.split).x)}), "
@@ -319,14 +370,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--hidden", type=int)
   p.add_argument("--depth", type=int)
   p.add_argument("--split", default="test", choices=["val", "test"])
-  p.add_argument("--stl", default="train", choices=["train", "paper"],
-                 help="'paper': Delta_m against Navon et al.'s STL (QM9, --recipe seeds)")
+  p.add_argument("--stl", default="train", choices=["train", "paper", "ew"],
+                 help="'paper': Delta_m against Navon et al.'s STL (QM9, --recipe seeds); "
+                 "'ew': no STL runs, Delta_m against EW's mean over seeds")
   p.add_argument("--runs", choices=["vmap", "sequential"],
                  help="seeds and STL runs vmapped (default) or one after another (GNN)")
   p.add_argument("--smoke", action="store_true",
                  help="tiny data and model, 1 epoch; prints the table, writes only to --out")
   p.add_argument("--out", type=Path, help="the Markdown file (default results/<dataset>.md)")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--also-test", action="store_true",
+                 help="with --split val and --stl ew: also evaluate on test, a second table "
+                 "<out>_test.md (pick on val, read the pick on test, one training run)")
+  p.add_argument("--diagnostics", type=Path, nargs="?", const=True,
+                 help="record every step's conflict and imbalance diagnostics "
+                 "(mtl_optax.with_diagnostics) and write their table here (default "
+                 "results/diagnostics_<dataset>.md)")
+  p.add_argument("--plots", type=Path, nargs="?", const=RESULTS / "plots",
+                 help="with the diagnostics, write per-method PNGs of training losses, weights "
+                 "and diagnostics to this folder (default results/plots)")
   return p.parse_args(argv)
 
 
@@ -358,8 +420,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
     ds = data.LOADERS[name](**loader_args)
     model = models.build(run_args.model, len(ds.task_names), ds.num_outputs, run_args.hidden,
                          run_args.depth)
+    watch = bool(args.diagnostics) or args.plots is not None
     results = benchmark(ds, model, chosen, split=run_args.split, plateau=run_args.plateau,
-                        stl=args.stl, vmap_runs=run_args.runs == "vmap",
+                        stl=args.stl, vmap_runs=run_args.runs == "vmap", diagnostics=watch,
+                        also_test=args.also_test,
                         progress=not args.no_progress, seeds=run_args.seeds,
                         epochs=run_args.epochs, batch_size=run_args.batch_size, lr=run_args.lr)
     text = report(ds, results, run_args, command)
@@ -369,6 +433,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
       out = out.with_name(f"{out.stem}_{name}{out.suffix}") if len(names) > 1 else out
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_text(text)
+      if args.also_test:
+        if args.stl == "train":
+          raise SystemExit("--also-test needs --stl ew (STL is evaluated on one split)")
+        tests = {n: r._replace(metrics=r.test) for n, r in results.items()}
+        test_args = argparse.Namespace(**{**vars(run_args), "split": "test"})
+        out.with_name(f"{out.stem}_test{out.suffix}").write_text(
+            report(ds, tests, test_args, command))
+    if watch:
+      diag_out = (RESULTS / f"diagnostics_{name}.md" if args.diagnostics in (None, True)
+                  else args.diagnostics)
+      if args.smoke and args.diagnostics in (None, True):
+        diag_out = None
+      header = (f"# Diagnostics: {ds.name}\n\nCommand: `{command}`\n\nSettings as "
+                f"`{out.name if out else 'the table above'}` ({run_args.epochs} epochs, "
+                f"{run_args.seeds} seeds, {len(ds.train.x)} training examples); every step of "
+                "every seed, on the shared trunk's rows (z-rows for `_rep`). T in the main "
+                "table includes the diagnostics.")
+      print(diagnostics_report.write(results, list(ds.task_names), name, diag_out, args.plots,
+                                     header))
     everything[name] = results
   return everything
 

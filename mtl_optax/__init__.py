@@ -47,6 +47,11 @@ from mtl_optax.grad.pcgrad import PCGradState, pcgrad, pcgrad_weights
 from mtl_optax.grad.sdmgrad import SDMGradState, sdmgrad, sdmgrad_weights
 from mtl_optax.grad.robust import krum, krum_weights, trimmed_mean
 from mtl_optax.grad.upgrad import upgrad, upgrad_weights
+from mtl_optax.grad.threshold import ThresholdState, threshold
+
+# Watching training: conflict and imbalance diagnostics of each step.
+from mtl_optax.diagnostics import (Diagnostics, DiagnosticsState, diagnostics_from_gram,
+                                   diagnostics_from_rows, with_diagnostics)
 
 # The SAC agent behind IGBv2.
 from mtl_optax.rl import SAC, SACState, sac
@@ -68,6 +73,8 @@ __all__ = (
     "CRMOGMState",
     "DBMTLState",
     "DWAState",
+    "Diagnostics",
+    "DiagnosticsState",
     "ExcessMTLState",
     "FAMOState",
     "GradDropState",
@@ -91,6 +98,7 @@ __all__ = (
     "STCHState",
     "StackedRows",
     "ValueAndGrad",
+    "ThresholdState",
     "aggregator",
     "aligned_mtl",
     "aligned_mtl_weights",
@@ -104,6 +112,8 @@ __all__ = (
     "cr_mogm_weights",
     "db_mtl",
     "delta_m",
+    "diagnostics_from_gram",
+    "diagnostics_from_rows",
     "dualproj",
     "dualproj_weights",
     "dwa",
@@ -154,6 +164,7 @@ __all__ = (
     "stch",
     "sum_tasks",
     "task_weights",
+    "threshold",
     "trimmed_mean",
     "upgrad",
     "upgrad_weights",
@@ -162,4 +173,5 @@ __all__ = (
     "value_and_jacrev",
     "value_and_representation_jacrev",
     "value_and_reweighted_grad",
+    "with_diagnostics",
 )

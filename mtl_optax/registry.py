@@ -42,6 +42,7 @@ from mtl_optax.grad.pcd import pcd
 from mtl_optax.grad.pcgrad import pcgrad
 from mtl_optax.grad.sdmgrad import sdmgrad
 from mtl_optax.grad.robust import krum, trimmed_mean
+from mtl_optax.grad.threshold import threshold
 from mtl_optax.grad.upgrad import upgrad
 from mtl_optax.loss.dwa import dwa
 from mtl_optax.loss.famo import famo
@@ -186,6 +187,38 @@ METHODS: dict[str, Method] = {
 }
 
 
+# IMGrad's threshold baselines (Zhou et al. 2025, Sec. 4.3, Fig. 5): `<method>@imbalance`
+# runs the method when the imbalance ratio ||g_max|| / ||g_min|| of the shared rows exceeds
+# THRESHOLDS["imbalance"], the plain sum otherwise; `<method>@similarity` (the paper's control)
+# when the smallest pairwise cosine falls below THRESHOLDS["similarity"]. `build` also takes
+# any threshold by name: "cagrad@imbalance=5", "mgda@similarity=-0.1".
+THRESHOLDS = {"imbalance": 3.0, "similarity": 0.0}
+THRESHOLD_METHODS = ("mgda", "pcgrad", "cagrad", "nash_mtl")
+
+
+def threshold_method(name: str) -> Method:
+  """The registry entry of `<inner>@<criterion>[=<value>]` (see THRESHOLDS)."""
+  inner_name, _, rest = name.partition("@")
+  criterion, _, value = rest.partition("=")
+  if inner_name not in METHODS or METHODS[inner_name].kind != "gradient" or "@" in inner_name:
+    raise ValueError(f"registry: {name!r}: {inner_name!r} is not a gradient balancer.")
+  if criterion not in THRESHOLDS:
+    raise ValueError(f"registry: {name!r}: the criterion must be one of {sorted(THRESHOLDS)}.")
+  level = float(value) if value else THRESHOLDS[criterion]
+  inner = METHODS[inner_name]
+
+  def build(num_tasks, *, steps_per_epoch=1, key=0, shared=None):
+    return threshold(inner.build(num_tasks, steps_per_epoch=steps_per_epoch, key=key,
+                                 shared=shared), num_tasks, level, criterion=criterion,
+                     shared=shared)
+  # The plain sum on some steps: not non-conflicting; the rest holds for both branches.
+  return Method(build, "gradient", inner.properties - {"non_conflicting"}, inner.min_tasks)
+
+
+METHODS.update({f"{n}@imbalance": threshold_method(f"{n}@imbalance") for n in THRESHOLD_METHODS})
+METHODS["mgda@similarity"] = threshold_method("mgda@similarity")
+
+
 def names(kind: Kind | None = None, *, having: tuple[str, ...] = (),
           num_tasks: int | None = None) -> list[str]:
   """The registered names of `kind` (None: all) that claim every property in `having` (and
@@ -217,6 +250,9 @@ def build(name: str, num_tasks: int, *, steps_per_epoch: int = 1, key: jax.Array
     >>> print(np.asarray(d["w"]).round(3))
     [0.51  0.653]
   """
+  if name not in METHODS and "@" in name:
+    return threshold_method(name).build(num_tasks, steps_per_epoch=steps_per_epoch, key=key,
+                                        shared=shared)
   if name not in METHODS:
     raise ValueError(f"registry: unknown method {name!r}; known: {sorted(METHODS)}.")
   return METHODS[name].build(num_tasks, steps_per_epoch=steps_per_epoch, key=key, shared=shared)

@@ -18,6 +18,10 @@ from mtl_optax.checks import check_positive_int
 class NashMTLState(NamedTuple):
   step: jax.Array   # updates taken
   alpha: jax.Array  # (K,) the last weights (ones at the start, as the reference)
+  # Whether the last solve succeeded for every task with a nonzero row (True on steps that
+  # reuse alpha); where it did not, the previous alpha was kept (`mtl_optax.with_diagnostics`
+  # counts these fallbacks).
+  converged: jax.Array | bool = True
 
 
 def nash_mtl_weights(gram: jax.Array, prev: jax.Array | None = None, *, optim_niter: int = 20,
@@ -127,17 +131,20 @@ def nash_aggregator(
 
   def init(params):
     return NashMTLState(jnp.zeros([], jnp.int32),
-                        jnp.ones((num_tasks,), tree_lib.weight_dtype(params)))
+                        jnp.ones((num_tasks,), tree_lib.weight_dtype(params)), jnp.array(True))
 
   def weights(m, state, losses):
     del losses
 
     def update_alpha(prev):
       alpha, ok = solve(m, prev)
-      return jnp.where(ok, alpha, prev).astype(prev.dtype)
+      norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
+      active = norms > 1e-12 * jnp.max(norms)  # zero rows cannot be solved for (solvers.py)
+      return jnp.where(ok, alpha, prev).astype(prev.dtype), jnp.all(ok | ~active)
 
-    alpha = jax.lax.cond(state.step % update_weights_every == 0, update_alpha, lambda prev: prev,
-                         state.alpha)
-    return clip_weights(alpha, m, max_norm), alpha, NashMTLState(state.step + 1, alpha)
+    alpha, converged = jax.lax.cond(state.step % update_weights_every == 0, update_alpha,
+                                    lambda prev: (prev, jnp.array(True)), state.alpha)
+    return (clip_weights(alpha, m, max_norm), alpha,
+            NashMTLState(state.step + 1, alpha, converged))
 
   return gram_aggregator(name, num_tasks, init, weights, shared=shared)
