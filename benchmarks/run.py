@@ -237,11 +237,13 @@ def seeds_score(ds: data.Dataset, model: models.MultiHead) -> Callable:
 
 def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, methods.Factory],
               split: str = "test", progress: bool = True, plateau: bool = False,
-              stl: str = "train", **train_args: Any) -> dict[str, Result]:
+              stl: str = "train", on_result: Callable[[dict[str, Result], int], None] | None = None,
+              **train_args: Any) -> dict[str, Result]:
   """STL, EW and every chosen method, each over the seeds; results keyed by method name.
   `plateau`: the seeds recipe's learning-rate schedule (`Plateau` on `seeds_score`).
   `stl="paper"`: no STL runs; the baseline is Navon et al.'s STL test MAE (`QM9_REFERENCE_STL`,
-  QM9 with atomization energies only)."""
+  QM9 with atomization energies only). `on_result(results, remaining)`: called after each
+  method with the results so far (a partial table survives a run cut short)."""
   schedule = Plateau(seeds_score(ds, model)) if plateau else None
   run = lambda factory, desc, **kw: train(ds, model, factory, desc=desc,  # noqa: E731
                                           progress=progress, plateau=schedule,
@@ -257,6 +259,8 @@ def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, metho
   for name in tqdm(todo, desc=f"{ds.name} methods", disable=not progress):
     params, seconds = run(todo[name], name)
     results[name] = Result(evaluate(ds, model, params, split), seconds)
+    if on_result is not None:
+      on_result(results, len(todo) - list(todo).index(name) - 1)
   return results
 
 
@@ -358,16 +362,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
     ds = data.LOADERS[name](**loader_args)
     model = models.build(run_args.model, len(ds.task_names), ds.num_outputs, run_args.hidden,
                          run_args.depth)
-    results = benchmark(ds, model, chosen, split=run_args.split, plateau=run_args.plateau,
-                        stl=args.stl, vmap_runs=run_args.runs == "vmap",
-                        progress=not args.no_progress, seeds=run_args.seeds,
-                        epochs=run_args.epochs, batch_size=run_args.batch_size, lr=run_args.lr)
-    text = report(ds, results, run_args, command)
-    print(text)
     out = args.out if args.out is not None else None if args.smoke else RESULTS / f"{name}.md"
     if out is not None:
       out = out.with_name(f"{out.stem}_{name}{out.suffix}") if len(names) > 1 else out
       out.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial(results, remaining, out=out, ds=ds, run_args=run_args):
+      if out is not None and remaining:  # the finished methods' table while the run goes on
+        out.write_text(report(ds, results, run_args, command)
+                       + f"\nPartial: {remaining} more method(s) still running.\n")
+    results = benchmark(ds, model, chosen, split=run_args.split, plateau=run_args.plateau,
+                        stl=args.stl, on_result=partial, vmap_runs=run_args.runs == "vmap",
+                        progress=not args.no_progress, seeds=run_args.seeds,
+                        epochs=run_args.epochs, batch_size=run_args.batch_size, lr=run_args.lr)
+    text = report(ds, results, run_args, command)
+    print(text)
+    if out is not None:
       out.write_text(text)
     everything[name] = results
   return everything

@@ -49,6 +49,8 @@ from mtl_optax.rl import SAC, SACState, sac
 # optax wrappers for shape-changing chains.
 from mtl_optax.wrappers import apply_if_finite
 
+# IGB's fusion of a loss and a gradient balancer, in the reference code's or Algorithm 3's reading.
+from mtl_optax.fusion import fusion
 # Metrics of the benchmark tables.
 from mtl_optax.metrics import delta_m
 
@@ -104,6 +106,7 @@ __all__ = (
     "fairgrad",
     "fairgrad_weights",
     "famo",
+    "fusion",
     "gls",
     "graddrop",
     "gradnorm",
