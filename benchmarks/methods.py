@@ -67,7 +67,8 @@ def _reweighter(name: str) -> Factory:
 # after the parameter step (`post_step_losses`), which `benchmarks/run.py` computes.
 LOSS_BALANCERS: dict[str, Factory] = {
     "ew": lambda k, spe, key: Links(None, None),
-    **{n: _reweighter(n) for n in ("si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1", "stch")},
+    **{n: _reweighter(n) for n in ("si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1", "stch",
+                                        "cosmos", "pbi")},
     "famo": lambda k, spe, key: Links(balancers.build("famo", k), None, post_step_losses=True),
 }
 GRADIENT_BALANCERS = tuple(balancers.names("gradient"))

@@ -14,6 +14,7 @@ from mtl_optax.loss.igb_v2 import IGBv2State, igb_v2
 from mtl_optax.loss.learned import LearnedScaleState, imtl_l, uw
 from mtl_optax.loss.random import RLWState, rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
+from mtl_optax.loss.scalarize import COSMOSState, cosmos, pbi
 from mtl_optax.loss.stch import STCHState, stch
 
 # Gradient balancers (aggregators): stacked -> one gradient; and their Gram -> weights functions.
@@ -60,6 +61,7 @@ from mtl_optax import registry
 __version__ = "0.1.0"
 
 __all__ = (
+    "COSMOSState",
     "CRMOGMState",
     "DBMTLState",
     "DWAState",
@@ -94,6 +96,7 @@ __all__ = (
     "config",
     "config_weights",
     "constant",
+    "cosmos",
     "cr_mogm",
     "cr_mogm_weights",
     "db_mtl",
@@ -136,6 +139,7 @@ __all__ = (
     "nash_mtl_weights",
     "pcd",
     "pcd_weights",
+    "pbi",
     "pcgrad",
     "pcgrad_weights",
     "registry",

@@ -50,6 +50,7 @@ from mtl_optax.loss.igb_v2 import igb_v2
 from mtl_optax.loss.learned import imtl_l, uw
 from mtl_optax.loss.random import rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
+from mtl_optax.loss.scalarize import cosmos, pbi
 from mtl_optax.loss.stch import stch
 
 Kind = Literal["loss", "gradient"]
@@ -155,6 +156,9 @@ METHODS: dict[str, Method] = {
                   EQUIVARIANT),
     "stch": _loss(lambda k, spe, key: stch(k, spe), "stateful", "needs_losses",
                   EQUIVARIANT),
+    # torchjd's scalarizers, with a fixed uniform preference (r = w = 1).
+    "cosmos": _loss(lambda k, spe, key: cosmos(k), "needs_losses", EQUIVARIANT),
+    "pbi": _loss(lambda k, spe, key: pbi(k), "needs_losses", EQUIVARIANT),
     # Gradient balancers (Table "gradient balancers" of README).
     "mgda": _grad(lambda k, key, shared: mgda(k, shared=shared), "gram", EQUIVARIANT,
                   "homogeneous", "non_conflicting"),
