@@ -95,6 +95,8 @@ def main(argv=None):
   parser.add_argument("--stl-table", type=Path,
                       default=run.RESULTS / "qm9_fusion.md")
   parser.add_argument("--out", type=Path, default=None)
+  parser.add_argument("--no-alg3", action="store_true",
+                      help="skip the run of Algorithm 3's reading (measurement 3)")
   args = parser.parse_args(argv)
   command = "python benchmarks/fusion_divergence.py " + shlex.join(sys.argv[1:] if argv is None
                                                                    else argv)
@@ -116,6 +118,8 @@ def main(argv=None):
           "igb_v1+nash_mtl_rep": (ds, "igb_v1+nash_mtl_rep"),
           "nash_mtl_rep, x + 1 ulp": (perturbed, "nash_mtl_rep"),
           "igb_v1+nash_mtl@alg3_rep": (ds, "igb_v1+nash_mtl@alg3_rep")}
+  if args.no_alg3:
+    del runs["igb_v1+nash_mtl@alg3_rep"]
   flags = np.zeros(k, bool)
   results, final = {}, {}
   for label, (dset, name) in runs.items():
