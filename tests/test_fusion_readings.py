@@ -192,3 +192,17 @@ def test_reference_reading_is_the_chain_and_nash_mtl_ignores_the_loss_balancer()
 def test_bad_reading():
   with pytest.raises(ValueError, match="reading"):
     mtl_optax.fusion(mtl_optax.log_losses(), mtl_optax.nash_mtl(K), reading="paper")
+
+
+def test_benchmark_names_of_both_readings():
+  """`benchmarks.methods`: `igb_v1+nash_mtl` is the reference reading, `...@alg3` Algorithm 3's,
+  on both paths; MGDA's fusion has one reading (its heads get the plain sum)."""
+  from benchmarks import methods
+  reg = methods.registry("qm9")
+  key = jax.random.PRNGKey(0)
+  for name, reading in (("igb_v1+nash_mtl", "reference"), ("igb_v1+nash_mtl@alg3", "algorithm3"),
+                        ("igb_v2+nash_mtl@alg3", "algorithm3"), ("igb_v1+mgda", "reference")):
+    for suffix, path in (("", "stacked"), ("_rep", "representation")):
+      links = reg[name + suffix](K, 2, key)
+      assert (links.reading, links.path) == (reading, path)
+  assert "igb_v1+mgda@alg3" not in reg
