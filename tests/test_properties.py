@@ -198,6 +198,27 @@ def test_scale_invariance_claims_are_exact(claim):
     assert broken, f"{name} is {claim} on every draw: claim it in the registry"
 
 
+@pytest.mark.parametrize("normalization,apply_to,invariant", [
+    ("none", "raw", False), ("loss", "raw", False), ("loss", "normalized", False),
+    ("l2", "raw", False), ("l2", "normalized", True), ("loss+", "raw", False),
+    ("loss+", "normalized", True)])
+def test_mgda_scale_invariance_by_normalization(normalization, apply_to, invariant):
+  """MGDA outside the registry: only weights of l2-normalized rows applied to those rows
+  (LibMTL's MGDA with 'l2' or 'loss+') give the same update for rows s_i g_i."""
+  from mtl_optax import mgda
+  tx = mgda(K, normalization, apply_to=apply_to)
+  update = jax.jit(lambda g, losses: tx.update(g, tx.init(g[0]), losses=losses)[0])
+  broken = False
+  with jax.enable_x64(True):
+    for seed in range(3):
+      g, losses = jacobian(seed, K)
+      s = 10.0 ** np.random.default_rng(seed).uniform(-2, 2, size=(K, 1))
+      d = np.asarray(update(jnp.asarray(g), jnp.asarray(losses)))
+      scaled = np.asarray(update(jnp.asarray(s * g), jnp.asarray(losses)))
+      broken |= distance(scaled, d, g) > 1e-4
+  assert broken != invariant
+
+
 # -- precision --
 
 @pytest.mark.filterwarnings("error::FutureWarning")  # no float64 -> float32 scatter (GradVac)
