@@ -34,13 +34,18 @@ class Links(NamedTuple):
   aggregator: Transform | None  # None: the sum of rows, on the single-backward path
   path: str = "stacked"         # or "representation" (aggregators only)
   post_step_losses: bool = False  # the reweighter takes the last batch's losses after the step
+  reading: str = "reference"    # IGB's fusion: "reference" (a chain) or "algorithm3"
 
 
 Factory = Callable[[int, int, jax.Array], Links]
 
 
 def chain(links: Links) -> Transform:
-  """The method as one transformation of the stacked Jacobian: reweighter, then aggregator."""
+  """The method as one transformation of the stacked Jacobian: reweighter, then aggregator
+  (`mtl_optax.fusion` in the links' reading when there are both)."""
+  if links.reweighter is not None and links.aggregator is not None:
+    return mtl_optax.fusion(links.reweighter, links.aggregator, reading=links.reading,
+                            shared=_shared(links.path))
   parts = [links.reweighter, links.aggregator or mtl_optax.sum_tasks()]
   return optax.chain(*[p for p in parts if p is not None])
 
@@ -62,14 +67,23 @@ def _reweighter(name: str) -> Factory:
 # after the parameter step (`post_step_losses`), which `benchmarks/run.py` computes.
 LOSS_BALANCERS: dict[str, Factory] = {
     "ew": lambda k, spe, key: Links(None, None),
-    **{n: _reweighter(n) for n in ("si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1", "stch")},
+    **{n: _reweighter(n) for n in ("si", "rlw", "dwa", "uw", "gls", "imtl_l", "igb_v1", "stch",
+                                        "cosmos", "pbi")},
     "famo": lambda k, spe, key: Links(balancers.build("famo", k), None, post_step_losses=True),
 }
 GRADIENT_BALANCERS = tuple(balancers.names("gradient"))
 # IGB Alg. 3: IGBv2's rows aggregated by a gradient balancer (the fusions its paper reports).
 IGB_V2_FUSIONS = ("mgda", "pcgrad", "nash_mtl")
+# IGBv1's fusions. Every fusion `igb_vN+<name>` follows IGB4MTL's code (`mtl_optax.fusion`'s
+# reading "reference": the gradient balancer weights the heads too); `igb_vN+<name>@alg3` is the
+# paper's Algorithm 3 as written (heads get the loss-balanced sum). The two differ only where the
+# gradient balancer weights the heads (Nash-MTL), so only those have an `@alg3` name.
+IGB_V1_FUSIONS = ("mgda", "nash_mtl")
+ALGORITHM3 = ("nash_mtl",)
 # Also in the registry on the representation path, as `<name>_rep`.
-REPRESENTATION = ("mgda", "cagrad", "nash_mtl", "imgrad", "db_mtl", "igb_v1+nash_mtl")
+REPRESENTATION = ("mgda", "cagrad", "nash_mtl", "imgrad", "db_mtl", "igb_v1+nash_mtl",
+                  "igb_v1+nash_mtl@alg3", "igb_v2+nash_mtl", "igb_v2+nash_mtl@alg3",
+                  "igb_v1+mgda", "igb_v2+mgda")
 
 
 # The IGB paper trains the agent of its fusions (IGBv2 + a gradient balancer) at 1e-4, of IGBv2
@@ -104,16 +118,16 @@ def beta_grid() -> dict[str, Factory]:
   return {f"{m}_{point}": _beta_point(m, *BETA_GRID[point]) for m in TUNABLE for point in BETA_GRID}
 
 
-def _igb_v1_fusion(name: str, path: str) -> Factory:
+def _igb_v1_fusion(name: str, path: str, reading: str = "reference") -> Factory:
   return lambda k, spe, key: Links(mtl_optax.igb_v1(k, spe),
-                                   _aggregator(name, k, spe, key, path), path)
+                                   _aggregator(name, k, spe, key, path), path, reading=reading)
 
 
-def _igb_v2_fusion(name: str, path: str) -> Factory:
+def _igb_v2_fusion(name: str, path: str, reading: str = "reference") -> Factory:
   def make(k, spe, key):
     k1, k2 = jax.random.split(key)
     igb = mtl_optax.igb_v2(k, spe, key=k1, agent_learning_rate=IGB_V2_FUSION_AGENT_LR)
-    return Links(igb, _aggregator(name, k, spe, k2, path), path)
+    return Links(igb, _aggregator(name, k, spe, k2, path), path, reading=reading)
   return make
 
 
@@ -122,7 +136,9 @@ def gradient_methods(path: str = "stacked") -> dict[str, Factory]:
   out = {n: _gradient(n, path) for n in GRADIENT_BALANCERS}
   out["db_mtl_decay"] = _beta_point("db_mtl", 0.9, 0.5, path)  # the grid's 0.9 / sqrt(k)
   out.update({f"igb_v2+{n}": _igb_v2_fusion(n, path) for n in IGB_V2_FUSIONS})
-  out["igb_v1+nash_mtl"] = _igb_v1_fusion("nash_mtl", path)
+  out.update({f"igb_v1+{n}": _igb_v1_fusion(n, path) for n in IGB_V1_FUSIONS})
+  out.update({f"igb_v1+{n}@alg3": _igb_v1_fusion(n, path, "algorithm3") for n in ALGORITHM3})
+  out.update({f"igb_v2+{n}@alg3": _igb_v2_fusion(n, path, "algorithm3") for n in ALGORITHM3})
   return out
 
 

@@ -279,11 +279,13 @@ def seeds_score(ds: data.Dataset, model: models.MultiHead) -> Callable:
 def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, methods.Factory],
               split: str = "test", progress: bool = True, plateau: bool = False,
               stl: str = "train", diagnostics: bool = False, also_test: bool = False,
+              on_result: Callable[[dict[str, Result], int], None] | None = None,
               **train_args: Any) -> dict[str, Result]:
   """STL, EW and every chosen method, each over the seeds; results keyed by method name.
   `plateau`: the seeds recipe's learning-rate schedule (`Plateau` on `seeds_score`).
   `stl="paper"`: no STL runs; the baseline is Navon et al.'s STL test MAE (`QM9_REFERENCE_STL`,
-  QM9 with atomization energies only)."""
+  QM9 with atomization energies only). `on_result(results, remaining)`: called after each
+  method with the results so far (a partial table survives a run cut short)."""
   schedule = Plateau(seeds_score(ds, model)) if plateau else None
   run = lambda factory, desc, **kw: train(ds, model, factory, desc=desc,  # noqa: E731
                                           progress=progress, plateau=schedule,
@@ -303,6 +305,8 @@ def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, metho
     results[name] = Result(evaluate(ds, model, params, split), seconds,
                            history[0] if history else None,
                            evaluate(ds, model, params, "test") if also_test else None)
+    if on_result is not None:
+      on_result(results, len(todo) - list(todo).index(name) - 1)
   if stl == "ew":
     results = {"stl": Result(results["ew"].metrics.mean(0, keepdims=True), float("nan"),
                              test=(results["ew"].test.mean(0, keepdims=True) if also_test
@@ -421,17 +425,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
     model = models.build(run_args.model, len(ds.task_names), ds.num_outputs, run_args.hidden,
                          run_args.depth)
     watch = bool(args.diagnostics) or args.plots is not None
-    results = benchmark(ds, model, chosen, split=run_args.split, plateau=run_args.plateau,
-                        stl=args.stl, vmap_runs=run_args.runs == "vmap", diagnostics=watch,
-                        also_test=args.also_test,
-                        progress=not args.no_progress, seeds=run_args.seeds,
-                        epochs=run_args.epochs, batch_size=run_args.batch_size, lr=run_args.lr)
-    text = report(ds, results, run_args, command)
-    print(text)
     out = args.out if args.out is not None else None if args.smoke else RESULTS / f"{name}.md"
     if out is not None:
       out = out.with_name(f"{out.stem}_{name}{out.suffix}") if len(names) > 1 else out
       out.parent.mkdir(parents=True, exist_ok=True)
+
+    def partial(results, remaining, out=out, ds=ds, run_args=run_args):
+      if out is not None and remaining:  # the finished methods' table while the run goes on
+        out.write_text(report(ds, results, run_args, command)
+                       + f"\nPartial: {remaining} more method(s) still running.\n")
+    results = benchmark(ds, model, chosen, split=run_args.split, plateau=run_args.plateau,
+                        stl=args.stl, on_result=partial, vmap_runs=run_args.runs == "vmap",
+                        diagnostics=watch, also_test=args.also_test,
+                        progress=not args.no_progress, seeds=run_args.seeds,
+                        epochs=run_args.epochs, batch_size=run_args.batch_size, lr=run_args.lr)
+    text = report(ds, results, run_args, command)
+    print(text)
+    if out is not None:
       out.write_text(text)
       if args.also_test:
         if args.stl == "train":

@@ -6,6 +6,11 @@ aggregates them on the shared trunk.
 `optax.chain(igb, nash_mtl(shared=...), optax.adam(...))` consumes the stacked Jacobian: row i
 becomes (lambda_i / L_i) g_i, then Nash-MTL's bargaining weights combine the shared rows. The
 agent trains at learning rate 1e-4, the IGB paper's setting for its fusions (3e-4 alone).
+
+Nash-MTL is scale-invariant (rows s_i g_i give the same update, heads included), so this chain,
+IGB4MTL's reading of Algorithm 3, is Nash-MTL step for step up to rounding. The paper's text
+(heads updated by the loss balancing alone) is `mtl_optax.fusion(igb, nash, reading=
+"algorithm3", shared=...)`; README, "Scale invariance and IGB's fusion".
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from mtl_optax.loss.igb_v2 import IGBv2State, igb_v2
 from mtl_optax.loss.learned import LearnedScaleState, imtl_l, uw
 from mtl_optax.loss.random import RLWState, rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
+from mtl_optax.loss.scalarize import COSMOSState, cosmos, pbi
 from mtl_optax.loss.stch import STCHState, stch
 
 # Gradient balancers (aggregators): stacked -> one gradient; and their Gram -> weights functions.
@@ -59,6 +60,8 @@ from mtl_optax.rl import SAC, SACState, sac
 # optax wrappers for shape-changing chains.
 from mtl_optax.wrappers import apply_if_finite
 
+# IGB's fusion of a loss and a gradient balancer, in the reference code's or Algorithm 3's reading.
+from mtl_optax.fusion import fusion
 # Metrics of the benchmark tables.
 from mtl_optax.metrics import delta_m
 
@@ -70,6 +73,7 @@ __version__ = "0.1.0"
 __all__ = (
     "BalancedGrad",
     "BalancerState",
+    "COSMOSState",
     "CRMOGMState",
     "DBMTLState",
     "DWAState",
@@ -108,6 +112,7 @@ __all__ = (
     "config",
     "config_weights",
     "constant",
+    "cosmos",
     "cr_mogm",
     "cr_mogm_weights",
     "db_mtl",
@@ -123,6 +128,7 @@ __all__ = (
     "fairgrad",
     "fairgrad_weights",
     "famo",
+    "fusion",
     "gls",
     "graddrop",
     "gradnorm",
@@ -152,6 +158,7 @@ __all__ = (
     "nash_mtl_weights",
     "pcd",
     "pcd_weights",
+    "pbi",
     "pcgrad",
     "pcgrad_weights",
     "registry",

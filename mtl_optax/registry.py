@@ -51,6 +51,7 @@ from mtl_optax.loss.igb_v2 import igb_v2
 from mtl_optax.loss.learned import imtl_l, uw
 from mtl_optax.loss.random import rlw
 from mtl_optax.loss.scale import equal_weights, gls, log_losses
+from mtl_optax.loss.scalarize import cosmos, pbi
 from mtl_optax.loss.stch import stch
 
 Kind = Literal["loss", "gradient"]
@@ -61,9 +62,17 @@ Kind = Literal["loss", "gradient"]
 #   "gram": its update is sum_i w_i g_i with w from the Gram matrix (the Gram-only path);
 #   "permutation_equivariant": relabelling the tasks permutes the weights the same way;
 #   "homogeneous": d(a G) = a d(G) for a > 0 (positive homogeneity of degree 1);
-#   "non_conflicting": g_i . d >= 0 for every task i.
+#   "non_conflicting": g_i . d >= 0 for every task i;
+#   "scale_invariant": d(S G) = d(G) for every diagonal S > 0 (row i scaled by any s_i > 0 gives
+#     the same update), so a loss balancer chained before it changes nothing on the shared
+#     parameters (README, "Scale invariance and fusions");
+#   "scale_invariant_direction": d(S G) = c d(G) for some c > 0 (the same direction; implied by
+#     "scale_invariant", which claims both).
+# Both scale invariances are claimed for one step from a fresh state, as the property suite
+# checks them; stateful methods keep them across steps where noted in `SCALE_INVARIANCE`.
 Property = Literal["random", "stateful", "needs_losses", "gram", "permutation_equivariant",
-                   "homogeneous", "non_conflicting"]
+                   "homogeneous", "non_conflicting", "scale_invariant",
+                   "scale_invariant_direction"]
 Builder = Callable[..., optax.GradientTransformationExtraArgs]
 
 
@@ -106,6 +115,29 @@ def _ramp(num_tasks: int) -> np.ndarray:
 
 
 EQUIVARIANT = "permutation_equivariant"
+SCALE_FREE = ("scale_invariant", "scale_invariant_direction")
+DIRECTION = "scale_invariant_direction"
+# Why each scale-invariant method is, from its formula (g_i -> s_i g_i, S = diag(s)); every other
+# gradient balancer changes its direction under some S (the property suite finds a witness).
+SCALE_INVARIANCE = {
+    "nash_mtl": "alpha_i (M alpha)_i = 1 with M -> S M S has the solution S^-1 alpha, so "
+                "d = sum_i alpha_i g_i is unchanged (and its clipping, and the heads' "
+                "sum_i alpha_i h_i); any state, as the fixed point is solved exactly",
+    "fairgrad": "alpha = 1: Nash-MTL's fixed point (other alpha: M w = w^(-1/alpha) gives "
+                "w' = S^-1 w only when alpha = 1)",
+    "moco": "its tracked rows follow the rows normalized to norm L_i (LibMTL), which S leaves "
+            "unchanged; any state",
+    "imtl_g": "d is the vector in span(G) with equal projections on the unit rows, scaled so "
+              "that its weights sum to 1: the unit rows fix the direction, the norms the length",
+    "imtl": "IMTL-L's first scalings are 1, then IMTL-G (direction)",
+    "config": "the direction comes from the unit rows' cosine matrix, the length is the sum of "
+              "the rows' projections on it",
+    "db_mtl": "d = max_i ||m_i|| sum_i m_i / ||m_i||, m_i the EMAs (g_i on a first step): "
+              "direction from unit rows, length the largest norm; across steps only for "
+              "constant S",
+    "pcd": "unit rows on a first step (its squared-norm EMAs start from the rows), rescaled to "
+           "the primary's norm; across steps only for constant S",
+}
 METHODS: dict[str, Method] = {
     # Loss balancers (Table "loss balancers" of README).
     "ew": _loss(lambda k, spe, key: equal_weights(k), EQUIVARIANT),
@@ -125,6 +157,9 @@ METHODS: dict[str, Method] = {
                   EQUIVARIANT),
     "stch": _loss(lambda k, spe, key: stch(k, spe), "stateful", "needs_losses",
                   EQUIVARIANT),
+    # torchjd's scalarizers, with a fixed uniform preference (r = w = 1).
+    "cosmos": _loss(lambda k, spe, key: cosmos(k), "needs_losses", EQUIVARIANT),
+    "pbi": _loss(lambda k, spe, key: pbi(k), "needs_losses", EQUIVARIANT),
     # Gradient balancers (Table "gradient balancers" of README).
     "mgda": _grad(lambda k, key, shared: mgda(k, shared=shared), "gram", EQUIVARIANT,
                   "homogeneous", "non_conflicting"),
@@ -133,9 +168,9 @@ METHODS: dict[str, Method] = {
     "cagrad": _grad(lambda k, key, shared: cagrad(k, shared=shared), "gram",
                     EQUIVARIANT, "homogeneous"),
     "imtl_g": _grad(lambda k, key, shared: imtl_g(k, shared=shared), "gram",
-                    EQUIVARIANT, "homogeneous"),
+                    EQUIVARIANT, "homogeneous", DIRECTION),
     "nash_mtl": _grad(lambda k, key, shared: nash_mtl(k, shared=shared),
-                      "stateful", "gram", EQUIVARIANT),
+                      "stateful", "gram", EQUIVARIANT, *SCALE_FREE),
     "aligned_mtl": _grad(lambda k, key, shared: aligned_mtl(k, shared=shared),
                          "gram", EQUIVARIANT, "homogeneous"),
     "upgrad": _grad(lambda k, key, shared: upgrad(k, shared=shared), "gram",
@@ -147,11 +182,11 @@ METHODS: dict[str, Method] = {
     "gradnorm": _grad(lambda k, key, shared: gradnorm(k, shared=shared),
                       "stateful", "needs_losses", "gram", EQUIVARIANT),
     "moco": _grad(lambda k, key, shared: moco(k, shared=shared), "stateful",
-                  EQUIVARIANT),
+                  EQUIVARIANT, *SCALE_FREE),
     "imtl": _grad(lambda k, key, shared: imtl(k, shared=shared), "stateful",
-                  "needs_losses", "gram", EQUIVARIANT),
+                  "needs_losses", "gram", EQUIVARIANT, DIRECTION),
     "db_mtl": _grad(lambda k, key, shared: db_mtl(k, shared=shared), "stateful",
-                    "needs_losses", EQUIVARIANT),
+                    "needs_losses", EQUIVARIANT, DIRECTION),
     "imgrad": _grad(lambda k, key, shared: imgrad(k, shared=shared), "gram",
                     EQUIVARIANT, "homogeneous"),
     "imgrad_nash": _grad(lambda k, key, shared: imgrad_nash(k, shared=shared),
@@ -159,7 +194,7 @@ METHODS: dict[str, Method] = {
     "excess_mtl": _grad(lambda k, key, shared: excess_mtl(k, shared=shared), "stateful",
                         EQUIVARIANT),
     "fairgrad": _grad(lambda k, key, shared: fairgrad(k, shared=shared), "gram", EQUIVARIANT,
-                      "non_conflicting"),
+                      "non_conflicting", *SCALE_FREE),
     # MoDo and SDMGrad without `sample_jacobians`: the update's own Gram matrix stands in.
     "modo": _grad(lambda k, key, shared: modo(k, shared=shared), "stateful", "gram",
                   EQUIVARIANT),
@@ -169,7 +204,7 @@ METHODS: dict[str, Method] = {
     "dualproj": _grad(lambda k, key, shared: dualproj(k, shared=shared), "gram",
                       EQUIVARIANT, "homogeneous", "non_conflicting"),
     "config": _grad(lambda k, key, shared: config(k, shared=shared), "gram", EQUIVARIANT,
-                    "homogeneous"),
+                    "homogeneous", DIRECTION),
     # Krum: not permutation-equivariant, as ties go to the lower index (with K - f - 2 = 1
     # neighbour the two mutually closest rows always tie).
     "krum": _grad(lambda k, key, shared: krum(k, shared=shared), "gram", "homogeneous",
@@ -183,7 +218,7 @@ METHODS: dict[str, Method] = {
                      "stateful", "gram", EQUIVARIANT, "homogeneous"),
     # PCD: row 0 is the primary task (not permutation-equivariant); homogeneous only where the
     # squared norms dominate eps = 1e-8; g_1 . d < 0 when a secondary opposes the primary.
-    "pcd": _grad(lambda k, key, shared: pcd(k, shared=shared), "stateful", "gram"),
+    "pcd": _grad(lambda k, key, shared: pcd(k, shared=shared), "stateful", "gram", DIRECTION),
 }
 
 
@@ -211,8 +246,10 @@ def threshold_method(name: str) -> Method:
     return threshold(inner.build(num_tasks, steps_per_epoch=steps_per_epoch, key=key,
                                  shared=shared), num_tasks, level, criterion=criterion,
                      shared=shared)
-  # The plain sum on some steps: not non-conflicting; the rest holds for both branches.
-  return Method(build, "gradient", inner.properties - {"non_conflicting"}, inner.min_tasks)
+  # The plain sum on some steps: not non-conflicting; and the choice reads the rows' norms, so
+  # row scalings change it (not scale-invariant). The rest holds for both branches.
+  dropped = {"non_conflicting", "scale_invariant", "scale_invariant_direction"}
+  return Method(build, "gradient", inner.properties - dropped, inner.min_tasks)
 
 
 METHODS.update({f"{n}@imbalance": threshold_method(f"{n}@imbalance") for n in THRESHOLD_METHODS})

@@ -154,6 +154,74 @@ def test_non_conflicting(name, k, seed, kind, log_scale):
   assert np.all(g @ d >= -5e-3 * scale * max(np.linalg.norm(d), scale))
 
 
+@pytest.mark.parametrize("k", MULTI)
+@pytest.mark.parametrize("name", having("scale_invariant_direction"))
+@EXAMPLES
+@given(seed=seeds)
+def test_scale_invariance(name, k, seed):
+  """d(S G) = d(G) ("scale_invariant") or d(S G) = c d(G), c > 0 ("scale_invariant_direction")
+  for S = diag(s), s_i = 10^U(-2, 2): every row scaled by its own positive factor, as a loss
+  balancer chained before the method scales them. Rows in general position: on rank-deficient
+  rows Nash-MTL's fixed point need not exist (it then keeps its previous alpha). Directions to
+  1e-3 at least: DB-MTL's and MoCo's 1e-8 guards in 1 / (||g_i|| + 1e-8) move it by up to
+  ~1e-4 on rows of norm 1e-3."""
+  g, losses = jacobian(seed, k)
+  s = 10.0 ** np.random.default_rng(seed).uniform(-2, 2, size=(k, 1))
+  same_update = "scale_invariant" in registry.METHODS[name].properties
+  for dtype, tol in PRECISIONS:
+    d, scaled = aggregate(name, g, losses, dtype), aggregate(name, s * g, losses, dtype)
+    if same_update:
+      assert distance(scaled, d, g) < tol
+    else:  # compare the unit vectors
+      unit = lambda v: v / max(np.linalg.norm(v), 1e-300)  # noqa: E731
+      assert np.linalg.norm(unit(scaled) - unit(d)) < max(tol, 1e-3)
+
+
+@pytest.mark.parametrize("claim", ["scale_invariant", "scale_invariant_direction"])
+def test_scale_invariance_claims_are_exact(claim):
+  """Every gradient balancer that does not claim a scale invariance breaks it on one of a few
+  fixed draws (K = 3, float64), so the registry's list is the whole list (README, "Scale
+  invariance and fusions"; the reasons are in `registry.SCALE_INVARIANCE`)."""
+  assert set(registry.SCALE_INVARIANCE) == set(having("scale_invariant_direction"))
+  draws = []
+  for seed in range(4):
+    g, losses = jacobian(seed, K)
+    draws.append((g, losses, 10.0 ** np.random.default_rng(seed).uniform(-2, 2, size=(K, 1))))
+  # Threshold baselines (`<method>@<criterion>`) switch on the rows' norms: whether a scaling
+  # breaks them depends on the draw crossing the threshold, so they claim nothing and are not
+  # required to break it here.
+  for name in sorted(n for n in set(GRADIENT) - set(having(claim)) if "@" not in n):
+    broken = False
+    for g, losses, s in draws:
+      d = aggregate(name, g, losses, jnp.float64)
+      scaled = aggregate(name, s * g, losses, jnp.float64)
+      if claim == "scale_invariant_direction":
+        d, scaled = d / np.linalg.norm(d), scaled / np.linalg.norm(scaled)
+      broken |= distance(scaled, d, g) > 1e-2
+    assert broken, f"{name} is {claim} on every draw: claim it in the registry"
+
+
+@pytest.mark.parametrize("normalization,apply_to,invariant", [
+    ("none", "raw", False), ("loss", "raw", False), ("loss", "normalized", False),
+    ("l2", "raw", False), ("l2", "normalized", True), ("loss+", "raw", False),
+    ("loss+", "normalized", True)])
+def test_mgda_scale_invariance_by_normalization(normalization, apply_to, invariant):
+  """MGDA outside the registry: only weights of l2-normalized rows applied to those rows
+  (LibMTL's MGDA with 'l2' or 'loss+') give the same update for rows s_i g_i."""
+  from mtl_optax import mgda
+  tx = mgda(K, normalization, apply_to=apply_to)
+  update = jax.jit(lambda g, losses: tx.update(g, tx.init(g[0]), losses=losses)[0])
+  broken = False
+  with jax.enable_x64(True):
+    for seed in range(3):
+      g, losses = jacobian(seed, K)
+      s = 10.0 ** np.random.default_rng(seed).uniform(-2, 2, size=(K, 1))
+      d = np.asarray(update(jnp.asarray(g), jnp.asarray(losses)))
+      scaled = np.asarray(update(jnp.asarray(s * g), jnp.asarray(losses)))
+      broken |= distance(scaled, d, g) > 1e-4
+  assert broken != invariant
+
+
 # -- precision --
 
 @pytest.mark.filterwarnings("error::FutureWarning")  # no float64 -> float32 scatter (GradVac)
