@@ -11,6 +11,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_choice, check_positive_int
+from mtl_optax.diagnostics import Diagnostics, DiagnosticsState
 from mtl_optax.jacobian import apply_to_gram_rows, chunked_gram, pullback_gram, task_vjp
 from mtl_optax.representation import value_and_representation_jacrev
 from mtl_optax.rows import GramRows, GramUpdate, StackedRows, row_like, unstack
@@ -27,12 +28,14 @@ class BalancedGrad(NamedTuple):
   it to the optimizer); `weights`: the weights w of the update on the raw rows (the shared
   leaves' d = sum_i w_i g_i, a loss balancer's scaling included; on the representation path
   the rows are the z-rows); `aux`: what the loss function returned besides the losses
-  (`has_aux`), else None.
+  (`has_aux`), else None; `diagnostics`: the step's `Diagnostics` when the balancer is wrapped
+  in `with_diagnostics` (on the representation path, those of the z-rows), else None.
   """
   losses: jax.Array
   grad: Any
   weights: jax.Array
   aux: Any = None
+  diagnostics: Diagnostics | None = None
 
 
 class ValueAndGrad(NamedTuple):
@@ -137,6 +140,13 @@ def _weights(state: optax.OptState, k: int, name: str) -> jax.Array:
   return jnp.broadcast_to(w, (k,))
 
 
+def _diagnostics(state: optax.OptState) -> Diagnostics | None:
+  """The last step's diagnostics, from the outermost `DiagnosticsState` in `state`."""
+  found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, DiagnosticsState))
+           if isinstance(x, DiagnosticsState)]
+  return found[0].diagnostics if found else None
+
+
 def _reduced(out: Any, k: int) -> Any:
   """A loss-balancer-only chain's rows summed into one row; a gradient balancer's output as
   it is."""
@@ -190,7 +200,8 @@ def _stacked(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
     grad = _reduced(out, losses.shape[0])
     _check_grad(name, grad, params)
     losses, aux = _split_value(value, has_aux)
-    return BalancedGrad(losses, grad, _weights(state, losses.shape[0], name), aux), state
+    weights = _weights(state, losses.shape[0], name)
+    return BalancedGrad(losses, grad, weights, aux, _diagnostics(state)), state
 
   return ValueAndGrad(lambda params, *args: balancer.init(params), update)
 
@@ -207,7 +218,7 @@ def _gram(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
       out = out.combine(jnp.ones(out.num_tasks, out.coef.dtype), None, None)
     grad = pullback_gram(vjp_fn, out, losses.dtype)
     losses, aux = _split_value(value, has_aux)
-    return BalancedGrad(losses, grad, _raw_weights(out), aux), state
+    return BalancedGrad(losses, grad, _raw_weights(out), aux, _diagnostics(state)), state
 
   return ValueAndGrad(lambda params, *args: balancer.init(params), update)
 
@@ -232,7 +243,8 @@ def _representation(fun, balancer, shared, has_aux) -> ValueAndGrad:
     losses, aux = _split_value(value, has_aux)
     out, state = update_fn(rows, state, None, losses=losses, **extra_args)
     grad = pullback(_reduced(out, losses.shape[0]))
-    return BalancedGrad(losses, grad, _weights(state, losses.shape[0], name), aux), state
+    weights = _weights(state, losses.shape[0], name)
+    return BalancedGrad(losses, grad, weights, aux, _diagnostics(state)), state
 
   return ValueAndGrad(init, update)
 

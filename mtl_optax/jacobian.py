@@ -187,7 +187,7 @@ def apply_to_gram_rows(balancer: optax.GradientTransformation, rows: GramRows,
   update = optax.with_extra_args_support(balancer).update
   try:
     out, new_state = update(rows, state, params, losses=losses, **extra_args)
-  except TypeError as error:  # an optimizer met GramRows or GramUpdate, which hold no arrays to update
+  except TypeError as error:  # an optimizer met GramRows or GramUpdate (no arrays to update)
     raise ValueError(f"{message}.") from error
   if not isinstance(out, (GramRows, GramUpdate)):
     raise ValueError(f"{message}; the balancer returned {type(out).__name__}, not task weights.")

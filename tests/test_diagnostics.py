@@ -301,3 +301,21 @@ def test_threshold_registry_entries():
     registry.build("cagrad@conflict", K)
   with pytest.raises(ValueError, match="not a gradient balancer"):
     registry.build("ew@imbalance", K)
+
+
+@pytest.mark.parametrize("path", ["stacked", "gram", "representation"])
+def test_value_and_grad_returns_the_diagnostics(path):
+  """The entry point hands back the diagnostics `with_diagnostics` recorded (None without it),
+  on every path: those of the z-rows on the representation path."""
+  shared = None if path == "representation" else SHARED
+  tx = mtl_optax.with_diagnostics(mtl_optax.mgda(K, shared=shared), K, shared=shared)
+  fun = (encode, heads) if path == "representation" else task_losses
+  extra = {"shared": SHARED} if path == "representation" else {}
+  vg = mtl_optax.value_and_grad(fun, tx, path=path, **extra)
+  out, state = jax.jit(vg.update)(PARAMS, vg.init(PARAMS, X, Y), X, Y)
+  for a, b in zip(jax.tree.leaves(out.diagnostics), jax.tree.leaves(state.diagnostics)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(out.diagnostics.normalized_weights * jnp.sum(out.weights),
+                             out.weights, rtol=1e-5)
+  plain = mtl_optax.value_and_grad(fun, mtl_optax.mgda(K, shared=shared), path=path, **extra)
+  assert plain.update(PARAMS, plain.init(PARAMS, X, Y), X, Y)[0].diagnostics is None
