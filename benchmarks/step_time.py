@@ -345,14 +345,14 @@ def entry_table(rounds: int, num_tasks: int = 11) -> str:
       balancer = methods.chain(links) if links.aggregator else links.reweighter
       # The per-path functions need the reducer after a loss balancer, except on the Gram path.
       lower = methods.chain(links) if path != "gram" else balancer
-      runs[name] = _compiled(*problem.step(path, lower), steps=10, warmup_steps=10)
-      runs[name + " (entry)"] = _compiled(*problem.entry_step(path, balancer), steps=10,
+      runs[name] = _compiled(*problem.step(path, lower), steps=50, warmup_steps=10)
+      runs[name + " (entry)"] = _compiled(*problem.entry_step(path, balancer), steps=50,
                                           warmup_steps=10)
-    t = median_times(runs, rounds, steps=10)
+    t = median_times(runs, rounds, steps=50)
     rows += [[path, name, f"{1e3 * t[name]:.2f}", f"{1e3 * t[name + ' (entry)']:.2f}",
               f"{t[name + ' (entry)'] / t[name]:.3f}"] for name in ENTRY_METHODS]
   return (f"### value_and_grad vs the per-path functions (QM9 model, K = {num_tasks}, "
-          "batch 128; 10 steps per timing)\n\n"
+          "batch 128; 50 steps per timing)\n\n"
           + _table(["path", "method", "per-path ms/step", "value_and_grad ms/step",
                     "value_and_grad vs per-path"], rows))
 

@@ -299,6 +299,7 @@ def test_step_time_floor_is_the_sum_of_unit_rows():
   np.testing.assert_allclose(optax.tree.get(state, "weights"), 1.0 / norms, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_nnx_heads_smoke(tmp_path):
   """benchmarks/nnx_heads.py at tiny sizes, one round: every method timed on both heads."""
   from benchmarks import nnx_heads

@@ -6,10 +6,11 @@ trains HALF steps, saves the whole state (parameters, balancer state, Adam state
 HALF more steps and saves where it ends; `tests/checkpoint_child.py resume`, a second process,
 restores the mid-run checkpoint into a state built from `init`, trains the same HALF steps and
 compares every leaf (and every step's losses) with the uninterrupted run's, bytes for bytes.
-The default run takes the fusions (IGBv1 / IGBv2 + Nash-MTL; IGBv2 with a filled replay buffer
-and an agent that has trained and acted) and every stateful or random method once; `-m slow`
-every method of the registry on every path it runs on. The examples' recipe
-(`examples/checkpoint.py`, Flax NNX) runs here too.
+Under `-m slow` (which `.ci/run` runs on its Python 3.11 stack, to keep the default run short):
+the fusions (IGBv1 / IGBv2 + Nash-MTL; IGBv2 with a filled replay buffer and an agent that has
+trained and acted) and every stateful or random method once, and every method of the registry
+on every path it runs on. The examples' recipe (`examples/checkpoint.py`, Flax NNX) runs by
+default.
 """
 
 import importlib.util
@@ -55,6 +56,7 @@ def check(saved: list[dict], resumed: list[dict], expected: list[tuple[str, str]
       assert r["buffer_rows"] > 0 and r["agent_trained"], r
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_is_bitwise_the_uninterrupted_run(tmp_path):
   saved, resumed = save_and_resume(tmp_path)
   expected = checkpoint_child.plan(everything=False)
