@@ -179,9 +179,8 @@ def _check_no_optimizer(name: str, state: optax.OptState) -> None:
 
 def _check_grad(name: str, grad: Any, params: Any) -> None:
   """Raises at trace time unless `grad` is shaped like `params`."""
-  shape = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
-  if (jax.tree.structure(grad) != jax.tree.structure(params)
-      or _shapes(grad) != _shapes(params)):
+  shape = tree_lib.shape_tree
+  if not tree_lib.same_shapes(grad, params):
     raise ValueError(
         f"{name}: the balancer returned {shape(grad)}, not one gradient shaped like the "
         f"parameters {shape(params)}. {_NO_OPTIMIZER}")
@@ -247,7 +246,3 @@ def _representation(fun, balancer, shared, has_aux) -> ValueAndGrad:
     return BalancedGrad(losses, grad, weights, aux, _diagnostics(state)), state
 
   return ValueAndGrad(init, update)
-
-
-def _shapes(tree: Any) -> list[tuple[int, ...]]:
-  return [jnp.shape(x) for x in jax.tree.leaves(tree)]

@@ -95,10 +95,11 @@ def _check_one_row(update: Any, rows: RepresentationRows) -> None:
   if isinstance(update, StackedRows):
     raise ValueError("pullback takes one row, a gradient balancer's output, but got the K rows "
                      f"a loss balancer scaled: {StackedRows._hint}.")
-  shape = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+  shape = tree_lib.shape_tree
   expected = jax.tree.map(lambda r: r.shape[1:], rows)
   if (jax.tree.structure(update) != jax.tree.structure(rows)
-      or _shapes(update) != [r.shape[1:] for r in jax.tree.leaves(rows)]):
+      or [jnp.shape(x) for x in jax.tree.leaves(update)]
+      != [r.shape[1:] for r in jax.tree.leaves(rows)]):
     raise ValueError(f"pullback takes one row shaped {expected} (the rows without their task "
                      "axis: what a gradient balancer or mtl_optax.sum_tasks() makes of them), "
                      f"got {shape(update)}; mtl_optax.value_and_grad(..., "
@@ -111,7 +112,3 @@ def _check_representation(z: Any) -> None:
     shapes = jax.tree.map(lambda x: f"{jnp.result_type(x)}{list(jnp.shape(x))}", z)
     raise ValueError("value_and_representation_jacrev: encode must return a non-empty pytree "
                      f"of float arrays (the representation z), got {shapes}.")
-
-
-def _shapes(tree: Any) -> list[tuple[int, ...]]:
-  return [jnp.shape(x) for x in jax.tree.leaves(tree)]

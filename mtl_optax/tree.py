@@ -145,6 +145,19 @@ def row_norms(stacked: Tree, axis_name: AxisName | None = None) -> jax.Array:
   return jnp.sqrt(squares if axis_name is None else jax.lax.psum(squares, axis_name))
 
 
+def shape_tree(tree: Tree) -> Tree:
+  """The tree of its leaves' shapes, for error messages."""
+  return jax.tree.map(jnp.shape, tree)
+
+
+def same_shapes(a: Tree, b: Tree) -> bool:
+  """Whether two trees have the same structure and the same leaf shapes (checked at trace
+  time)."""
+  return (jax.tree.structure(a) == jax.tree.structure(b)
+          and [jnp.shape(x) for x in jax.tree.leaves(a)]
+          == [jnp.shape(x) for x in jax.tree.leaves(b)])
+
+
 def resolve_mask(shared: MaskOrFn, params: Tree, name: str = "mtl_optax") -> Tree:
   """The `shared` mask as a pytree of bools like `params` (None: every leaf is shared).
 

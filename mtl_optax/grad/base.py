@@ -237,9 +237,8 @@ def check_buffers(name: str, buffers: Any, rows: Any) -> None:
   A state initialized for one path (`init(params)`) and used on another (the representation
   path's z-rows) would otherwise fail deep inside a tree map.
   """
-  shape = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
-  if (jax.tree.structure(buffers) != jax.tree.structure(rows)
-      or _shapes(buffers) != _shapes(rows)):
+  shape = tree_lib.shape_tree
+  if not tree_lib.same_shapes(buffers, rows):
     raise ValueError(
         f"{name}: its state holds per-task buffers shaped {shape(buffers)}, but it received "
         f"rows shaped {shape(rows)}: the state was initialized for another path or model. "
@@ -302,7 +301,3 @@ def mean_tasks() -> optax.GradientTransformationExtraArgs:
     [0.25 1.  ]
   """
   return _reduce("mean_tasks", lambda k: 1.0 / k)
-
-
-def _shapes(tree: Any) -> list[tuple[int, ...]]:
-  return [jnp.shape(x) for x in jax.tree.leaves(tree)]
