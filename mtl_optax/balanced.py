@@ -12,7 +12,8 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_choice, check_positive_int
 from mtl_optax.diagnostics import Diagnostics, DiagnosticsState
-from mtl_optax.jacobian import apply_to_gram_rows, chunked_gram, pullback_gram, task_vjp
+from mtl_optax.jacobian import apply_to_gram_rows, chunked_gram, pullback_present, task_vjp
+from mtl_optax.present import check_present, finite_rows
 from mtl_optax.representation import value_and_representation_jacrev
 from mtl_optax.rows import GramRows, GramUpdate, StackedRows, row_like, unstack
 from mtl_optax.state import BalancerState, weights_product
@@ -29,18 +30,21 @@ class BalancedGrad(NamedTuple):
   leaves' d = sum_i w_i g_i, a loss balancer's scaling included; on the representation path
   the rows are the z-rows); `aux`: what the loss function returned besides the losses
   (`has_aux`), else None; `diagnostics`: the step's `Diagnostics` when the balancer is wrapped
-  in `with_diagnostics` (on the representation path, those of the z-rows), else None.
+  in `with_diagnostics` (on the representation path, those of the z-rows), else None;
+  `present`: `(K,)` bool, the tasks that took part in the step (marked present, with a finite
+  loss and a finite gradient row; absent tasks have weight 0).
   """
   losses: jax.Array
   grad: Any
   weights: jax.Array
   aux: Any = None
   diagnostics: Diagnostics | None = None
+  present: jax.Array | None = None
 
 
 class ValueAndGrad(NamedTuple):
   """A balanced gradient step, optax-style: `init(params, *args) -> state` and
-  `update(params, state, *args, **extra_args) -> (BalancedGrad, state)`."""
+  `update(params, state, *args, present=None, **extra_args) -> (BalancedGrad, state)`."""
   init: Callable[..., optax.OptState]
   update: Callable[..., tuple[BalancedGrad, optax.OptState]]
 
@@ -72,6 +76,15 @@ def value_and_grad(
     (and the heads' own rows), and one VJP through the encoder maps the balanced row back
     (Sener & Koltun 2018, Sec. 3.3). Build gradient balancers with `shared=None` there.
 
+  Absent tasks: `update(..., present=mask)` with a `(K,)` bool (e.g. which tasks have labels in
+  this batch) makes the tasks marked False sit out the step, as do tasks whose loss or gradient
+  row is not finite (a batch without labels for a task has a NaN mean loss) and, for balancers
+  that take a log of the losses, tasks with a non-positive loss (an error under
+  `jax.experimental.checkify`). A task that sits out gets weight 0, the other tasks are
+  balanced as the method balances them without it, and the per-task state it left keeps its
+  values; no state takes a non-finite value from the input. `BalancedGrad.present` says which
+  tasks took part.
+
   Args:
     fun: the task losses, or `(encode, task_losses)` on the representation path; with
       `has_aux`, the losses function returns `(losses, aux)`.
@@ -86,9 +99,10 @@ def value_and_grad(
   Returns:
     A `ValueAndGrad`: `init(params, *args)` builds the balancer's state for this path (on the
     representation path from the shapes of z, found with `jax.eval_shape`), and
-    `update(params, state, *args, **extra_args)` returns `(BalancedGrad(losses, grad, weights,
-    aux), new_state)`; `args` go to the loss function(s), `extra_args` (e.g. FAMO's
-    `post_step_losses`) to the balancer.
+    `update(params, state, *args, present=None, **extra_args)` returns
+    `(BalancedGrad(losses, grad, weights, aux, diagnostics, present), new_state)`; `args` go to
+    the loss function(s), `present` is the optional `(K,)` bool of the tasks taking part, and
+    `extra_args` (e.g. FAMO's `post_step_losses`) go to the balancer.
 
   References:
     Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS,
@@ -124,6 +138,12 @@ def value_and_grad(
     raise ValueError(f"value_and_grad: shared= splits the model on the representation path; "
                      f"on the {path!r} path gradient balancers take shared= themselves.")
   return (_stacked if path == "stacked" else _gram)(fun, balancer, has_aux, chunk_size)
+
+
+def _present(present: Any, losses: jax.Array, name: str) -> jax.Array:
+  """The tasks marked present (all if None) whose loss is finite."""
+  present = check_present(present, losses.shape[0], name)
+  return jnp.isfinite(losses) if present is None else present & jnp.isfinite(losses)
 
 
 def _split_value(value, has_aux):
@@ -191,16 +211,18 @@ def _stacked(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
   name = "value_and_grad (stacked path)"
   update_fn = optax.with_extra_args_support(balancer).update
 
-  def update(params, state, *args, **extra_args):
+  def update(params, state, *args, present=None, **extra_args):
     _check_no_optimizer(name, state)
     losses, vjp_fn, value = task_vjp(fun, params, args, has_aux, name)
-    (jac,) = jax.vmap(vjp_fn)(jnp.eye(losses.shape[0], dtype=losses.dtype))
-    out, state = update_fn(jac, state, params, losses=losses, **extra_args)
-    grad = _reduced(out, losses.shape[0])
+    k = losses.shape[0]
+    (jac,) = jax.vmap(vjp_fn)(jnp.eye(k, dtype=losses.dtype))
+    present = _present(present, losses, name) & finite_rows(jac)
+    out, state = update_fn(jac, state, params, losses=losses, present=present, **extra_args)
+    grad = _reduced(out, k)
     _check_grad(name, grad, params)
     losses, aux = _split_value(value, has_aux)
-    weights = _weights(state, losses.shape[0], name)
-    return BalancedGrad(losses, grad, weights, aux, _diagnostics(state)), state
+    weights = jnp.where(present, _weights(state, k, name), 0.0)
+    return BalancedGrad(losses, grad, weights, aux, _diagnostics(state), present), state
 
   return ValueAndGrad(lambda params, *args: balancer.init(params), update)
 
@@ -208,16 +230,19 @@ def _stacked(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
 def _gram(fun, balancer, has_aux, chunk_size) -> ValueAndGrad:
   name = "value_and_grad (Gram-only path)"
 
-  def update(params, state, *args, **extra_args):
+  def update(params, state, *args, present=None, **extra_args):
     losses, vjp_fn, value = task_vjp(fun, params, args, has_aux, name)
+    present = _present(present, losses, name)
     rows = GramRows(jnp.eye(losses.shape[0], dtype=losses.dtype),
                     chunked_gram(vjp_fn, losses, chunk_size))
-    out, state = apply_to_gram_rows(balancer, rows, state, params, losses, extra_args, name)
+    out, state = apply_to_gram_rows(balancer, rows, state, params, losses,
+                                    dict(extra_args, present=present), name)
     if isinstance(out, GramRows):  # loss balancers alone: the sum of the reweighted rows
       out = out.combine(jnp.ones(out.num_tasks, out.coef.dtype), None, None)
-    grad = pullback_gram(vjp_fn, out, losses.dtype)
+    grad, present = pullback_present(vjp_fn, out, losses, present)
     losses, aux = _split_value(value, has_aux)
-    return BalancedGrad(losses, grad, _raw_weights(out), aux, _diagnostics(state)), state
+    weights = jnp.where(present, _raw_weights(out), 0.0)
+    return BalancedGrad(losses, grad, weights, aux, _diagnostics(state), present), state
 
   return ValueAndGrad(lambda params, *args: balancer.init(params), update)
 
@@ -236,13 +261,14 @@ def _representation(fun, balancer, shared, has_aux) -> ValueAndGrad:
     _, rows, _ = jax.eval_shape(lambda p: rows_fn(p, *args)[:2] + (None,), params)
     return balancer.init(row_like(rows))
 
-  def update(params, state, *args, **extra_args):
+  def update(params, state, *args, present=None, **extra_args):
     _check_no_optimizer(name, state)
     value, rows, pullback = rows_fn(params, *args)
     losses, aux = _split_value(value, has_aux)
-    out, state = update_fn(rows, state, None, losses=losses, **extra_args)
+    present = _present(present, losses, name) & finite_rows(rows)
+    out, state = update_fn(rows, state, None, losses=losses, present=present, **extra_args)
     grad = pullback(_reduced(out, losses.shape[0]))
-    weights = _weights(state, losses.shape[0], name)
-    return BalancedGrad(losses, grad, weights, aux, _diagnostics(state)), state
+    weights = jnp.where(present, _weights(state, losses.shape[0], name), 0.0)
+    return BalancedGrad(losses, grad, weights, aux, _diagnostics(state), present), state
 
   return ValueAndGrad(init, update)

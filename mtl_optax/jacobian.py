@@ -169,7 +169,8 @@ def value_and_reweighted_grad(
                              "value_and_reweighted_grad")
     if isinstance(out, GramRows):  # loss balancers alone: the sum of the reweighted rows
       out = out.combine(jnp.ones(out.num_tasks, out.coef.dtype), None, None)
-    return (value, pullback_gram(vjp_fn, out, losses.dtype)), new_state
+    present = jnp.isfinite(losses)
+    return (value, pullback_present(vjp_fn, out, losses, present)[0]), new_state
   return wrapped
 
 
@@ -229,3 +230,46 @@ def pullback_gram(vjp_fn: Callable, out: GramUpdate, dtype) -> Any:
   shared, _ = tree_lib.split(vjp_fn(w)[0], out.mask)
   _, specific = tree_lib.split(vjp_fn(v)[0], out.mask)
   return tree_lib.merge(shared, specific, out.mask)
+
+
+def pullback_present(vjp_fn: Callable, out: GramUpdate, losses: jax.Array,
+                     present: jax.Array) -> tuple[Any, jax.Array]:
+  """`pullback_gram`, with the tasks whose gradient row is not finite left out.
+
+  One backward pass mixes every task's partial derivatives, so a task whose row has a NaN
+  (a loss on a batch without its labels) makes J^T w NaN even at weight 0. When J^T w is not
+  finite, it is formed again one row at a time (K more VJPs, run only then), leaving out the
+  rows that are not finite.
+
+  Args:
+    vjp_fn: the VJP of the K losses.
+    out: the balancer's weights on the rows.
+    losses: the K losses (for their dtype and K).
+    present: `(K,)` bool, the tasks taking part so far.
+
+  Returns:
+    `(grad, present)`: the gradient, and `present` without the tasks whose row was not finite.
+  """
+  k, dtype = losses.shape[0], losses.dtype
+  grad = pullback_gram(vjp_fn, out, dtype)
+  w = jax.lax.stop_gradient(out.shared).astype(dtype)
+  v = jax.lax.stop_gradient(out.specific).astype(dtype)
+
+  def finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+  def by_rows(_):
+    def body(i, carry):
+      acc, rows_ok = carry
+      (row,) = vjp_fn(jax.nn.one_hot(i, k, dtype=dtype))
+      ok = finite(row) & present[i]
+      if out.mask is None:
+        scaled = jax.tree.map(lambda r: w[i] * r, row)
+      else:
+        scaled = tree_lib.map_masked(lambda r: w[i] * r, lambda r: v[i] * r, out.mask, row)
+      acc = jax.tree.map(lambda a, s: a + jnp.where(ok, s, jnp.zeros((), s.dtype)), acc, scaled)
+      return acc, rows_ok.at[i].set(ok)
+    zeros = jax.tree.map(jnp.zeros_like, grad)
+    return jax.lax.fori_loop(0, k, body, (zeros, present))
+
+  return jax.lax.cond(finite(grad), lambda _: (grad, present), by_rows, None)

@@ -43,14 +43,9 @@ def num_tasks(stacked: Tree, expected: int | None = None, name: str = "mtl_optax
   return next(iter(sizes))
 
 
-def check_losses(
-    losses: jax.Array | None, k: int, name: str, *, positive: bool = False
-) -> jax.Array:
-  """Validates the extra argument `losses` (shape `(K,)`) at trace time.
-
-  With `positive=True` (balancers that take a log), concrete non-positive values raise;
-  inside `jit` values are unknown at trace time, so those balancers floor losses instead.
-  """
+def check_losses(losses: jax.Array | None, k: int, name: str) -> jax.Array:
+  """Validates the extra argument `losses` (shape `(K,)`) at trace time (their values:
+  `present.task_present`)."""
   if losses is None:
     raise ValueError(
         f"{name} needs the task losses: call update(updates, state, params, losses=losses) "
@@ -59,24 +54,19 @@ def check_losses(
   losses = jnp.asarray(losses)
   if losses.shape != (k,):
     raise ValueError(f"{name}: losses have shape {losses.shape}, expected ({k},) for K={k} tasks.")
-  if positive and not isinstance(losses, jax.core.Tracer):
-    bad = np.flatnonzero(~(np.asarray(losses) > 0))
-    if bad.size:
-      raise ValueError(
-          f"{name} takes log(L_i) and needs positive losses; tasks {bad.tolist()} have "
-          f"losses {np.asarray(losses)[bad].tolist()}."
-      )
   return losses
 
 
-def scale_rows(weights: jax.Array, stacked: Tree) -> Tree:
-  """Row i of every leaf times `weights[i]`."""
+def scale_rows(weights: jax.Array, stacked: Tree, present: jax.Array | None = None) -> Tree:
+  """Row i of every leaf times `weights[i]`; with `present`, absent rows are set to 0 (a
+  select, so their NaN or inf entries vanish)."""
   if isinstance(stacked, GramRows):
     return stacked.scale(weights)
 
   def scale(leaf):
-    w = weights.astype(leaf.dtype)
-    return leaf * w.reshape((-1,) + (1,) * (leaf.ndim - 1))
+    shape = (-1,) + (1,) * (leaf.ndim - 1)
+    out = leaf * weights.astype(leaf.dtype).reshape(shape)
+    return out if present is None else jnp.where(present.reshape(shape), out, 0)
   return jax.tree.map(scale, stacked)
 
 

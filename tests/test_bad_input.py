@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import mtl_optax
-from mtl_optax.loss.base import LOSS_FLOOR
+from jax.experimental import checkify
 
 K = 3
 
@@ -120,17 +120,39 @@ def test_famo_losses_below_min_losses_raise():
 
 
 @pytest.mark.parametrize("name", LOG_BASED + ["famo", "dwa"])
-def test_non_positive_losses_under_jit_are_finite(name):
-  """Inside jit loss values are unknown at trace time: losses are floored (LOSS_FLOOR)."""
+def test_non_positive_losses_under_jit_sit_out(name):
+  """Inside jit loss values are unknown at trace time: a task whose loss a log-taking balancer
+  cannot take sits out the step (s_i = 0, its row dropped), never a 1e7 factor; the others keep
+  the weights of the method without it."""
   tx = BALANCERS[name]()
   step = jax.jit(lambda s, l: tx.update(rows(), s, None, losses=l))
   state = tx.init(None)
   for _ in range(6):  # into epoch 3 for DWA and IGBv1
     out, state = step(state, jnp.asarray([0.0, -1.0, 2.0]))
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((out, state)))
-  if name == "log_losses":  # s_i = 1 / (max(L_i, floor) + eps)
-    np.testing.assert_allclose(out.rows["a"][:, 0], 1 / (np.array([LOSS_FLOOR] * 2 + [2.0]) + 1e-8),
-                               rtol=1e-5)
+  if name == "dwa":  # takes no log: every task takes part
+    return
+  if name == "famo":  # log(L - L_min + eps): L = 0 = L_min is fine, L = -1 is not
+    np.testing.assert_array_equal(out.rows["a"][1], 0.0)
+    assert np.all(out.rows["a"][[0, 2]] > 0)
+    return
+  np.testing.assert_array_equal(out.rows["a"][:2], 0.0)
+  if name == "log_losses":  # s_3 = 1 / (L_3 + eps)
+    np.testing.assert_allclose(out.rows["a"][2, 0], 1 / (2.0 + 1e-8), rtol=1e-6)
+  if name == "gls":  # GLS of one task: s = GM / (1 L) = 1
+    np.testing.assert_allclose(out.rows["a"][2, 0], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", LOG_BASED)
+def test_non_positive_losses_are_an_error_under_checkify(name):
+  tx = BALANCERS[name]()
+  step = jax.jit(checkify.checkify(lambda s, l: tx.update(rows(), s, None, losses=l)))
+  error, _ = step(tx.init(None), jnp.asarray([0.5, -1.0, 2.0]))
+  with pytest.raises(checkify.JaxRuntimeError, match=rf"{name} takes log\(L_i\) and needs "
+                     "positive losses"):
+    error.throw()
+  error, _ = step(tx.init(None), losses())
+  error.throw()  # no error for positive losses
 
 
 @pytest.mark.parametrize("make, what", [

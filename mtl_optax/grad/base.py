@@ -15,6 +15,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
+from mtl_optax.present import finite_rows, keep_absent, task_present, zero_absent
 from mtl_optax.rows import GramRows, RepresentationRows, unstack
 from mtl_optax.state import BalancerState
 
@@ -38,11 +39,15 @@ def aggregator(
     needs_losses: bool = False,
     needs_positive: bool = False,
     extra_args: tuple[str, ...] = (),
+    handles_absent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a gradient balancer from `aggregate_fn`, which sees only the shared rows.
 
   Runs on the stacked and representation paths; it is not Gram-based, so the Gram-only path
-  rejects it.
+  rejects it. Absent tasks (the extra argument `present`, a `(K,)` bool; tasks whose loss or
+  row is not finite) get weight 0 and zero rows; `aggregate_fn` sees the loss 1 in their place,
+  the per-task entries of its state (leaves with leading axis K) keep their old values, and no
+  entry of it takes a non-finite value.
 
   Args:
     name: used in error messages.
@@ -60,6 +65,11 @@ def aggregator(
     needs_positive: whether losses must be positive (the method takes a log).
     extra_args: names of extra keyword arguments of `update` passed on to `aggregate_fn`
       (None if absent).
+    handles_absent: `aggregate_fn` takes the keyword `present` (the `(K,)` bool of the tasks
+      with finite losses and task-specific rows that take part; rows of the others may be
+      non-finite), gives the others weight 0, combines the present rows as if the others did
+      not exist and leaves their state as it was; the builder then guards only against
+      non-finite state.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
@@ -83,7 +93,8 @@ def aggregator(
   def init(params):
     return BalancerState(jnp.ones((num_tasks,), tree_lib.weight_dtype(params)), init_fn(params))
 
-  def update(updates, state, params=None, *, losses=None, axis_name=None, **extra):
+  def update(updates, state, params=None, *, losses=None, present=None, axis_name=None,
+             **extra):
     updates = unstack(updates)
     if isinstance(updates, GramRows):
       raise ValueError(
@@ -91,18 +102,57 @@ def aggregator(
           "matrix), so it cannot run on the Gram-only path: use the stacked or the "
           "representation path.")
     k, losses, mask = check(updates, params, losses)
+    present = task_present(present, losses, k, name, positive=needs_positive)
     shared_rows, specific_rows = tree_lib.split(updates, mask)
-    sharded = {} if axis_name is None else {"axis_name": axis_name}
+    present = present & _finite(specific_rows, k, axis_name)
+    kwargs = {n: extra.get(n) for n in extra_args}
+    if axis_name is not None:
+      kwargs["axis_name"] = axis_name
+    if handles_absent:
+      kwargs["present"] = present
+    else:
+      present = present & _finite(shared_rows, k, axis_name)
+      shared_rows = _zero_absent(shared_rows, present)
+    if losses is not None:
+      losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
     out, weights, specific_weights, inner = aggregate_fn(
-        shared_rows, state.inner, losses, params, **sharded,
-        **{n: extra.get(n) for n in extra_args})
+        shared_rows, state.inner, losses, params, **kwargs)
     if specific_weights is None:
       specific_weights = jnp.ones((k,), jnp.float32)
-    specific = tree_lib.combine(specific_weights, specific_rows)
-    weights = jnp.broadcast_to(weights, (k,)).astype(state.weights.dtype)
-    return tree_lib.merge(out, specific, mask), BalancerState(weights, inner)
+    specific_weights = jnp.where(present, specific_weights, 0.0)
+    specific = tree_lib.combine(specific_weights, _zero_absent(specific_rows, present))
+    weights = jnp.where(present, jnp.broadcast_to(weights, (k,)), 0.0)
+    inner = keep_absent(state.inner, inner, present, per_task=not handles_absent)
+    return (tree_lib.merge(out, specific, mask),
+            BalancerState(weights.astype(state.weights.dtype), inner))
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _finite(rows: Any, k: int, axis_name: tree_lib.AxisName | None) -> jax.Array:
+  """`(K,)`: whether row i is finite on every leaf of `rows` (all True for no leaves); inside
+  `shard_map`, on every device."""
+  if not jax.tree.leaves(rows):
+    return jnp.ones((k,), bool)
+  finite = finite_rows(rows)
+  if axis_name is not None:
+    finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+  return finite
+
+
+def _combine(weights: jax.Array, rows: Any, present: jax.Array) -> Any:
+  """sum_i w_i row_i over the present tasks' rows: absent ones (whose rows may be NaN) are
+  dropped by a select, skipped (at run time) when every task is present, so the usual step
+  costs one contraction."""
+  return jax.lax.cond(jnp.all(present), lambda r: tree_lib.combine(weights, r),
+                      lambda r: tree_lib.combine(weights, zero_absent(r, present)), rows)
+
+
+def _zero_absent(rows: Any, present: jax.Array) -> Any:
+  """`rows` with absent tasks' rows set to 0, skipped (at run time) when every task is present."""
+  if not jax.tree.leaves(rows):
+    return rows
+  return jax.lax.cond(jnp.all(present), lambda r: r, lambda r: zero_absent(r, present), rows)
 
 
 def _input_checker(name: str, shared: tree_lib.MaskOrFn, num_tasks: int | None,
@@ -111,7 +161,7 @@ def _input_checker(name: str, shared: tree_lib.MaskOrFn, num_tasks: int | None,
   def check(updates, params, losses):
     k = tree_lib.num_tasks(updates, num_tasks, name)
     if needs_losses or losses is not None:
-      losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
+      losses = tree_lib.check_losses(losses, k, name)
     return k, losses, tree_lib.rows_mask(shared, updates, params, name)
   return check
 
@@ -126,6 +176,7 @@ def gram_aggregator(
     needs_losses: bool = False,
     needs_positive: bool = False,
     cross_gram: bool = False,
+    handles_absent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """A balancer d = sum_i w_i g_i with w computed from the Gram matrix M = G G^T of the rows.
 
@@ -136,6 +187,12 @@ def gram_aggregator(
   `shard_map`, the extra argument `axis_name` of `update` sums M over the mesh axes the rows are
   split over (`tree.gram`), so every device solves for the same w; the Gram-only path's M is
   already that of the whole rows.
+
+  Absent tasks (the extra argument `present`, a `(K,)` bool; tasks whose loss is not finite or
+  whose Gram diagonal entry is not, i.e. whose row is not) get weight 0: their rows and columns
+  of M are set to 0 and their rows left out of d, `weight_fn` sees the loss 1 in their place,
+  and the per-task entries of its state (leaves with leading axis K) keep their old values, as
+  does any entry the step would make non-finite.
 
   Args:
     name: used in error messages.
@@ -149,6 +206,10 @@ def gram_aggregator(
       `sample_jacobians=(jac_a, jac_b)`, two stacked Jacobians shaped like the updates, and
       `weight_fn` receives C over their shared leaves; without it, M stands in for C (a and b
       the update's own batch). The weights apply to the update's rows (see README).
+    handles_absent: `weight_fn` takes the keyword `present` (the `(K,)` bool of the tasks that
+      take part; M is 0 on the others' rows and columns), weights the present tasks as if the
+      others did not exist and leaves their state as it was (a zero row of M is what most
+      methods cannot take as "absent": MGDA's minimum-norm point would be 0).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
@@ -174,22 +235,43 @@ def gram_aggregator(
     mask = tree_lib.rows_mask(shared, jac_a, params, name)
     return tree_lib.gram(tree_lib.split(jac_a, mask)[0], tree_lib.split(jac_b, mask)[0])
 
-  def aggregate(shared_rows, state, losses, params, sample_jacobians=None, axis_name=None):
-    gram = (tree_lib.gram(shared_rows, axis_name=axis_name) if sample_jacobians is None
-            else sample_gram(sample_jacobians, params))
-    weights, specific_weights, state = weight_fn(gram, state, losses)
-    return tree_lib.combine(weights, shared_rows), weights, specific_weights, state
+  def solve(gram, inner, losses, present):
+    """(w, v, new inner state, present): the tasks whose Gram diagonal is not finite left
+    out."""
+    present = present & jnp.isfinite(jnp.diag(gram))
+    gram = jnp.where(present[:, None] & present[None, :], gram, 0.0)
+    kwargs = {"present": present} if handles_absent else {}
+    weights, specific_weights, new_inner = weight_fn(gram, inner, losses, **kwargs)
+    weights = jnp.where(present & jnp.isfinite(weights), weights, 0.0)
+    specific_weights = present.astype(weights.dtype) if specific_weights is None else (
+        jnp.where(present & jnp.isfinite(specific_weights), specific_weights, 0.0))
+    new_inner = keep_absent(inner, new_inner, present, per_task=not handles_absent)
+    return weights, specific_weights, new_inner, present
+
+  def aggregate(shared_rows, state, losses, params, present, sample_jacobians=None,
+                axis_name=None):
+    if sample_jacobians is None:
+      gram = tree_lib.gram(shared_rows, axis_name=axis_name)
+    else:
+      present = present & _finite(shared_rows, present.shape[0], axis_name)
+      gram = sample_gram(sample_jacobians, params)
+    weights, specific_weights, state, present = solve(gram, state, losses, present)
+    return _combine(weights, shared_rows, present), weights, specific_weights, state
 
   extra_args = ("sample_jacobians",) if cross_gram else ()
-  on_rows = aggregator(name, num_tasks, init_fn, aggregate, extra_args=extra_args, **checks)
+  on_rows = aggregator(name, num_tasks, init_fn, aggregate, extra_args=extra_args,
+                       handles_absent=True, **checks)
 
-  def update(updates, state, params=None, *, losses=None, **extra):
+  def update(updates, state, params=None, *, losses=None, present=None, **extra):
     if not isinstance(updates, GramRows):
-      return on_rows.update(updates, state, params, losses=losses, **extra)
-    _, losses, mask = check(updates, params, losses)
+      return on_rows.update(updates, state, params, losses=losses, present=present, **extra)
+    k, losses, mask = check(updates, params, losses)
+    present = task_present(present, losses, k, name, positive=needs_positive)
+    if losses is not None:
+      losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
     samples = extra.get("sample_jacobians") if cross_gram else None
     gram = updates.gram(mask) if samples is None else sample_gram(samples, params)
-    weights, specific_weights, inner = weight_fn(gram, state.inner, losses)
+    weights, specific_weights, inner, _ = solve(gram, state.inner, losses, present)
     new_state = BalancerState(weights.astype(state.weights.dtype), inner)
     return updates.combine(weights, specific_weights, mask), new_state
 
@@ -253,17 +335,18 @@ def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransform
   def init(params):
     return BalancerState(jnp.ones([], tree_lib.weight_dtype(params)), optax.EmptyState())
 
-  def update(updates, state, params=None, **extra_args):
+  def update(updates, state, params=None, *, present=None, **extra_args):
     del params, extra_args
     updates = unstack(updates)
     k = tree_lib.num_tasks(updates, name=name)
-    weights = jnp.full((k,), scale(k))
+    present = task_present(present, None, k, name)
+    weights = jnp.where(present, scale(k), 0.0)
     new_state = BalancerState(jnp.asarray(scale(k), state.weights.dtype), state.inner)
     if isinstance(updates, GramRows):
       return updates.combine(weights.astype(updates.coef.dtype), None, None), new_state
     # A product with the weights, not x.sum(0): on a stacked Jacobian XLA's CPU backend ran
     # the sum over the leading axis 2.2x slower (a six-layer 512-wide MLP, K = 3).
-    return tree_lib.combine(weights, updates), new_state
+    return _combine(weights, updates, present), new_state
   return optax.GradientTransformationExtraArgs(init, update)
 
 

@@ -11,7 +11,6 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
 from mtl_optax.checks import check_positive_int
-from mtl_optax.loss.base import positive
 
 _MIN_WEIGHT = 1e-8  # weights are floored here before renormalizing, so they stay positive
 
@@ -82,7 +81,6 @@ def gradnorm(num_tasks: int, alpha: float = 1.5,
                          jnp.zeros([], jnp.int32), optimizer.init(weights))
 
   def update_weights(gram, state, losses):
-    losses = positive(losses)
     initial = jnp.where(state.count == 0, losses, state.initial_losses)
     w = state.loss_weights
     grad = gradnorm_grad(w, jnp.diag(gram), losses / initial, alpha)

@@ -10,7 +10,6 @@ from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_choice
 from mtl_optax.grad.base import gram_aggregator
-from mtl_optax.loss.base import positive
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 APPLY_TO = ("raw", "normalized")
@@ -19,7 +18,8 @@ APPLY_TO = ("raw", "normalized")
 def row_normalizers(m: jax.Array, losses: jax.Array | None, normalization: str) -> jax.Array:
   """n_i of Sener & Koltun's code (`gradient_normalizers`): 1, ||g_i||, L_i or L_i ||g_i||.
 
-  Zero norms are replaced by 1 (the row is zero anyway), so the result is always finite.
+  Zero norms and non-positive losses are replaced by 1 (the balancer leaves tasks with
+  non-positive losses out, see `gram_aggregator`), so the result is always finite.
   """
   norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
   norms = jnp.where(norms > 0, norms, 1.0)
@@ -27,8 +27,8 @@ def row_normalizers(m: jax.Array, losses: jax.Array | None, normalization: str) 
   return {
       "none": lambda: ones,
       "l2": lambda: norms,
-      "loss": lambda: positive(losses),
-      "loss+": lambda: positive(losses) * norms,
+      "loss": lambda: jnp.where(losses > 0, losses, 1.0),
+      "loss+": lambda: jnp.where(losses > 0, losses, 1.0) * norms,
   }[normalization]()
 
 

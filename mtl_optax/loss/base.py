@@ -11,19 +11,11 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
+from mtl_optax.present import keep_absent, task_present
 from mtl_optax.rows import GramRows, StackedRows, unstack
 from mtl_optax.state import BalancerState
 
 WeightFn = Callable[..., tuple[jax.Array, Any]]  # (losses, state, **extra) -> (s, state)
-
-# Inside jit, loss values are unknown at trace time; log-based balancers clamp them here.
-LOSS_FLOOR = 1e-12
-
-
-def positive(losses: jax.Array) -> jax.Array:
-  """Losses clamped to `LOSS_FLOOR`, so a log or 1/L stays finite inside jit."""
-  return jnp.maximum(losses, LOSS_FLOOR)
-
 
 def reweighter(
     name: str,
@@ -34,8 +26,17 @@ def reweighter(
     needs_losses: bool = True,
     needs_positive: bool = False,
     extra_args: tuple[str, ...] = (),
+    handles_absent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a loss balancer: row i of the stacked gradients is scaled by `s_i`.
+
+  Absent tasks (the extra argument `present`, a `(K,)` bool, False for tasks without data this
+  step; also tasks whose loss is not finite, or not positive where `needs_positive`) get s_i = 0
+  and their rows are dropped (a select, so NaN rows vanish); `weight_fn` sees the loss 1 in
+  their place, and the per-task entries of its state (leaves with leading axis K) keep their old
+  values, as does any entry the step would make non-finite. That is exact for methods whose
+  s_i depends on task i alone; methods that couple the tasks take `present` themselves
+  (`handles_absent`).
 
   Args:
     name: used in error messages.
@@ -46,6 +47,9 @@ def reweighter(
     needs_losses: whether `update` must be given `losses`.
     needs_positive: the balancer takes log(L_i); concrete non-positive losses raise.
     extra_args: names of extra keyword arguments passed on to `weight_fn` (None if absent).
+    handles_absent: `weight_fn` takes the keyword `present` (the `(K,)` bool of the tasks that
+      take part), weights the present tasks as if the others did not exist, and leaves their
+      state as it was; the builder then guards only against non-finite state.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (a loss balancer) mapping stacked per-task
@@ -68,15 +72,25 @@ def reweighter(
   def init(params):
     return BalancerState(jnp.ones((num_tasks,), tree_lib.weight_dtype(params)), init_fn())
 
-  def update(updates, state, params=None, *, losses=None, **extra):
+  def update(updates, state, params=None, *, losses=None, present=None, **extra):
     del params
     rows = unstack(updates)
     k = tree_lib.num_tasks(rows, num_tasks, name)
     if needs_losses or losses is not None:
-      losses = tree_lib.check_losses(losses, k, name, positive=needs_positive)
-    weights, inner = weight_fn(losses, state.inner, **{n: extra.get(n) for n in extra_args})
-    scaled = tree_lib.scale_rows(weights, rows)
-    out = scaled if isinstance(scaled, GramRows) else StackedRows(scaled)
+      losses = tree_lib.check_losses(losses, k, name)
+    present = task_present(present, losses, k, name, positive=needs_positive)
+    if losses is not None:
+      losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
+    kwargs = {n: extra.get(n) for n in extra_args}
+    if handles_absent:
+      kwargs["present"] = present
+    weights, inner = weight_fn(losses, state.inner, **kwargs)
+    weights = jnp.where(present & jnp.isfinite(weights), weights, 0.0)
+    inner = keep_absent(state.inner, inner, present, per_task=not handles_absent)
+    if isinstance(rows, GramRows):
+      out = rows.scale(weights)
+    else:
+      out = StackedRows(tree_lib.scale_rows(weights, rows, present))
     return out, BalancerState(weights.astype(state.weights.dtype), inner)
 
   return optax.GradientTransformationExtraArgs(init, update)

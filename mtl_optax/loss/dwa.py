@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax.checks import check_positive_int
-from mtl_optax.loss.base import positive, reweighter
+from mtl_optax.loss.base import reweighter
+from mtl_optax.present import num_present, softmax_present
 
 
 class DWAState(NamedTuple):
   count: jax.Array       # steps taken
   epoch_sum: jax.Array   # (K,) sum of raw losses over the current epoch
+  epoch_steps: jax.Array  # (K,) steps of the current epoch each task took part in
   last: jax.Array        # (K,) average loss of the previous epoch
   before_last: jax.Array  # (K,) average loss of the epoch before it
 
@@ -24,7 +26,8 @@ def dwa(num_tasks: int, steps_per_epoch: int,
   """DWA: w = K softmax(r / T), r_i = Lbar_i(e-1) / Lbar_i(e-2); w = 1 in epochs 0 and 1.
 
   Liu et al. 2019 (MTAN), Eq. 1, with epoch-average losses as in LibMTL. A zero average in
-  the denominator is floored (`positive`), so zero losses give finite weights.
+  the denominator counts as 1, so zero losses give finite weights. An epoch's average of a
+  task is over the steps it took part in; absent tasks are left out of the softmax.
 
   Args:
     num_tasks: K.
@@ -53,20 +56,26 @@ def dwa(num_tasks: int, steps_per_epoch: int,
 
   def init():
     zeros = jnp.zeros((num_tasks,), jnp.float32)
-    return DWAState(jnp.zeros([], jnp.int32), zeros, zeros, zeros)
+    return DWAState(jnp.zeros([], jnp.int32), zeros, jnp.zeros((num_tasks,), jnp.int32), zeros,
+                    zeros)
 
-  def weights(losses, state):
+  def weights(losses, state, present):
     ready = state.count >= 2 * steps_per_epoch
-    ratio = state.last / jnp.where(ready, positive(state.before_last), 1.0)
-    w = jnp.where(ready, num_tasks * jax.nn.softmax(ratio / temperature), 1.0)
-    epoch_sum = state.epoch_sum + losses
+    ratio = state.last / jnp.where(ready & (state.before_last > 0), state.before_last, 1.0)
+    softmax = softmax_present(ratio / temperature, present)
+    w = jnp.where(ready, num_present(present) * softmax, 1.0)
+    # An epoch's mean loss of a task is over the steps it took part in.
+    epoch_sum = state.epoch_sum + jnp.where(present, losses, 0.0)
+    epoch_steps = state.epoch_steps + present
     epoch_done = (state.count + 1) % steps_per_epoch == 0
+    mean = jnp.where(epoch_steps > 0, epoch_sum / jnp.maximum(epoch_steps, 1), state.last)
     new_state = DWAState(
         count=state.count + 1,
         epoch_sum=jnp.where(epoch_done, 0.0, epoch_sum),
-        last=jnp.where(epoch_done, epoch_sum / steps_per_epoch, state.last),
+        epoch_steps=jnp.where(epoch_done, 0, epoch_steps),
+        last=jnp.where(epoch_done, mean, state.last),
         before_last=jnp.where(epoch_done, state.last, state.before_last),
     )
     return w, new_state
 
-  return reweighter("dwa", num_tasks, init, weights)
+  return reweighter("dwa", num_tasks, init, weights, handles_absent=True)

@@ -11,7 +11,8 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
-from mtl_optax.loss.base import positive, reweighter
+from mtl_optax.loss.base import reweighter
+from mtl_optax.present import softmax_present
 
 # FAMO's D_i = L_i - L_min,i + GAP_EPS (the reference code's 1e-8).
 GAP_EPS = 1e-8
@@ -21,7 +22,9 @@ class FAMOState(NamedTuple):
   count: jax.Array           # steps taken
   logits: jax.Array          # (K,) w; the task weights are z = softmax(w)
   opt_state: optax.OptState  # Adam (with L2 weight decay) state of the logits
-  prev_losses: jax.Array     # (K,) the losses passed at the previous step
+  prev_losses: jax.Array     # (K,) the losses passed at the previous step (a task's last
+                             # one while it is absent)
+  prev_present: jax.Array    # (K,) the tasks present at the previous step
 
 
 def famo(
@@ -77,33 +80,43 @@ def famo(
   optimizer = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
 
   def gap(losses: jax.Array, what: str) -> jax.Array:
-    """D, checking concrete losses against L_min (inside jit D is floored instead)."""
+    """D, checking concrete losses against L_min (inside jit, `present` leaves those tasks
+    out)."""
     if not isinstance(losses, jax.core.Tracer):
-      bad = np.flatnonzero(~(np.asarray(losses) >= np.asarray(floor)))
+      bad = np.flatnonzero(np.isfinite(losses) & ~(np.asarray(losses) >= np.asarray(floor)))
       if bad.size:
         raise ValueError(
             f"famo takes log(L_i - L_min,i) and needs {what} >= min_losses; tasks "
             f"{bad.tolist()} have {np.asarray(losses)[bad].tolist()}.")
-    return positive(losses - floor + GAP_EPS)
+    return losses - floor + GAP_EPS
 
   def init():
     logits = jnp.zeros((num_tasks,), jnp.float32)
-    return FAMOState(jnp.zeros([], jnp.int32), logits, optimizer.init(logits), floor)
+    return FAMOState(jnp.zeros([], jnp.int32), logits, optimizer.init(logits), floor,
+                     jnp.ones((num_tasks,), bool))
 
-  def weights(losses, state, post_step_losses):
+  def weights(losses, state, post_step_losses, present):
     after = losses if post_step_losses is None else tree_lib.check_losses(
         post_step_losses, num_tasks, "famo (post_step_losses)")
+    # A task sits out when its loss or its post-step loss is at or below L_min (no log) or not
+    # finite; then the logit step, which needs every task's loss change, is skipped too.
+    present = present & (gap(losses, "losses") > 0) & jnp.isfinite(after) & (
+        gap(after, "post_step_losses") > 0)
+    losses = jnp.where(present, losses, state.prev_losses)
+    after = jnp.where(present, after, state.prev_losses)
     d = gap(losses, "losses")
     # Logit step for the previous call: J_softmax(w)^T delta = z * (delta - z . delta).
     delta = jnp.log(gap(state.prev_losses, "losses")) - jnp.log(gap(after, "post_step_losses"))
     z = jax.nn.softmax(state.logits)
     step, opt_state = optimizer.update(z * (delta - z @ delta), state.opt_state, state.logits)
     logits, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(state.count > 0, new, old),
+        lambda new, old: jnp.where(
+            (state.count > 0) & jnp.all(present & state.prev_present), new, old),
         (optax.apply_updates(state.logits, step), opt_state), (state.logits, state.opt_state))
-    ratio = jax.nn.softmax(logits) / d
-    new_state = FAMOState(state.count + 1, logits, opt_state, losses.astype(jnp.float32))
+    ratio = jnp.where(present, softmax_present(logits, present) / d, 0.0)
+    new_state = FAMOState(state.count + 1, logits, opt_state, losses.astype(jnp.float32),
+                          present)
     return ratio / jnp.sum(ratio), new_state
 
-  return reweighter("famo", num_tasks, init, weights,
-                    extra_args=("post_step_losses",))
+  return reweighter("famo", num_tasks, init, weights, extra_args=("post_step_losses",),
+                    handles_absent=True)

@@ -9,17 +9,21 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax.checks import check_positive_int
-from mtl_optax.loss.base import positive, reweighter
+from mtl_optax.loss.base import reweighter
+from mtl_optax.present import num_present, softmax_present
 
 
 class IGBv1State(NamedTuple):
-  """Running sum of the raw losses of epoch 2 (0-indexed epoch 1); L_base is its mean."""
+  """Running sum of the raw losses of epoch 2 (0-indexed epoch 1); L_base is its mean over the
+  steps each task took part in."""
   count: jax.Array     # steps taken
   epoch2_sum: jax.Array  # (K,)
+  epoch2_steps: jax.Array  # (K,) steps of epoch 2 each task took part in
 
 
 def base_loss_init(num_tasks: int) -> IGBv1State:
-  return IGBv1State(jnp.zeros([], jnp.int32), jnp.zeros((num_tasks,), jnp.float32))
+  return IGBv1State(jnp.zeros([], jnp.int32), jnp.zeros((num_tasks,), jnp.float32),
+                    jnp.zeros((num_tasks,), jnp.int32))
 
 
 def base_loss_ready(base: IGBv1State, steps_per_epoch: int) -> jax.Array:
@@ -28,15 +32,19 @@ def base_loss_ready(base: IGBv1State, steps_per_epoch: int) -> jax.Array:
 
 
 def base_loss_value(base: IGBv1State, steps_per_epoch: int) -> jax.Array:
-  """L_base = mean over epoch 2's batches of the raw losses (ones until it exists)."""
-  return jnp.where(base_loss_ready(base, steps_per_epoch),
-                   base.epoch2_sum / steps_per_epoch, 1.0)
+  """L_base = mean over epoch 2's batches of the raw losses (ones until it exists, and for a
+  task absent from every step of epoch 2)."""
+  seen = base.epoch2_steps > 0
+  mean = base.epoch2_sum / jnp.where(seen, base.epoch2_steps, 1)
+  return jnp.where(base_loss_ready(base, steps_per_epoch) & seen, mean, 1.0)
 
 
-def base_loss_update(base: IGBv1State, losses: jax.Array, steps_per_epoch: int) -> IGBv1State:
-  """Counts a step and adds its losses to the sum when it falls in epoch 2."""
-  in_epoch2 = base.count // steps_per_epoch == 1
-  return IGBv1State(base.count + 1, base.epoch2_sum + jnp.where(in_epoch2, losses, 0.0))
+def base_loss_update(base: IGBv1State, losses: jax.Array, steps_per_epoch: int,
+                     present: jax.Array) -> IGBv1State:
+  """Counts a step and adds the present tasks' losses to the sum when it falls in epoch 2."""
+  add = (base.count // steps_per_epoch == 1) & present
+  return IGBv1State(base.count + 1, base.epoch2_sum + jnp.where(add, losses, 0.0),
+                    base.epoch2_steps + add)
 
 
 def igb_v1(num_tasks: int, steps_per_epoch: int) -> optax.GradientTransformationExtraArgs:
@@ -70,12 +78,11 @@ def igb_v1(num_tasks: int, steps_per_epoch: int) -> optax.GradientTransformation
   num_tasks = check_positive_int(num_tasks, "igb_v1: num_tasks")
   steps_per_epoch = check_positive_int(steps_per_epoch, "igb_v1: steps_per_epoch")
 
-  def weights(losses, state):
-    losses = positive(losses)
+  def weights(losses, state, present):
     gap = losses / base_loss_value(state, steps_per_epoch)
     lam = jnp.where(base_loss_ready(state, steps_per_epoch),
-                    num_tasks * jax.nn.softmax(gap), 1.0)
-    return lam / losses, base_loss_update(state, losses, steps_per_epoch)
+                    num_present(present) * softmax_present(gap, present), 1.0)
+    return lam / losses, base_loss_update(state, losses, steps_per_epoch, present)
 
   return reweighter("igb_v1", num_tasks, lambda: base_loss_init(num_tasks), weights,
-                    needs_positive=True)
+                    needs_positive=True, handles_absent=True)

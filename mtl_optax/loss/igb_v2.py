@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax.checks import check_nonnegative_int, check_positive_int
-from mtl_optax.loss.base import positive, reweighter
+from mtl_optax.loss.base import reweighter
 from mtl_optax.loss.igb import (IGBv1State, base_loss_init, base_loss_ready, base_loss_update,
                                 base_loss_value)
 from mtl_optax.keys import as_key
 from mtl_optax.loss.random import random_weights
+from mtl_optax.present import num_present
 from mtl_optax.rl.replay import Transition
 from mtl_optax.rl.sac import SACState, sac
 
@@ -24,6 +25,7 @@ class IGBv2State(NamedTuple):
   prev_weights: jax.Array   # (K,) weights w of the previous step
   key: jax.Array            # RLW draws and the actor's sampling noise
   agent: SACState           # networks, optimizer states, replay buffer, training key
+  prev_present: jax.Array   # (K,) the tasks present at the previous step
 
 
 def train_sizes(fill: jax.Array, capacity: int, update_every: int,
@@ -129,10 +131,12 @@ def igb_v2(
     weights_key, agent_key = jax.random.split(as_key(key))
     zeros = jnp.zeros((num_tasks,), jnp.float32)
     return IGBv2State(base_loss_init(num_tasks), zeros, zeros, weights_key,
-                      agent.init(agent_key))
+                      agent.init(agent_key), jnp.ones((num_tasks,), bool))
 
-  def weights(losses, state):
-    losses = jnp.asarray(losses, jnp.float32)
+  def weights(losses, state, present):
+    # An absent task's loss is its last one: the agent observes it, and the transition of a
+    # step with an absent task is not stored (its reward would compare a stale loss).
+    losses = jnp.where(present, jnp.asarray(losses, jnp.float32), state.prev_losses)
     step = state.base.count
     base = base_loss_value(state.base, steps_per_epoch)
     observe = (lambda l: l / base) if normalize_state else (lambda l: l)
@@ -142,8 +146,9 @@ def igb_v2(
     reward = alpha * jnp.min((state.prev_losses - losses) / base)
     transition = Transition(observe(state.prev_losses), state.prev_weights, reward,
                             observe(losses))
-    agent_state = jax.lax.cond(base_loss_ready(state.base, steps_per_epoch),
-                               lambda a: agent.add(a, transition), lambda a: a, state.agent)
+    store = base_loss_ready(state.base, steps_per_epoch) & jnp.all(present & state.prev_present)
+    agent_state = jax.lax.cond(store, lambda a: agent.add(a, transition), lambda a: a,
+                               state.agent)
 
     fill = agent_state.buffer.fill
     train_now = ((step >= train_from_epoch * steps_per_epoch) & (step % update_every == 0)
@@ -157,8 +162,12 @@ def igb_v2(
     w = jnp.where(step < act_from_epoch * steps_per_epoch,
                   random_weights(rlw_key, num_tasks, float(num_tasks)),
                   agent.act(agent_state, observe(losses), act_key))
-    new_state = IGBv2State(base_loss_update(state.base, losses, steps_per_epoch), losses, w,
-                           key, agent_state)
-    return w / positive(losses), new_state
+    new_state = IGBv2State(base_loss_update(state.base, losses, steps_per_epoch, present),
+                           losses, w, key, agent_state, present)
+    # With tasks absent, the present tasks' weights rescaled to sum to their number (as K
+    # softmax on K tasks does).
+    share = jnp.where(present, w, 0.0)
+    w_present = share * num_present(present) / jnp.maximum(jnp.sum(share), 1e-30)
+    return jnp.where(jnp.all(present), w, w_present) / losses, new_state
 
-  return reweighter("igb_v2", num_tasks, init, weights, needs_positive=True)
+  return reweighter("igb_v2", num_tasks, init, weights, needs_positive=True, handles_absent=True)

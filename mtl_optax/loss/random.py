@@ -9,15 +9,19 @@ import optax
 
 from mtl_optax.keys import as_key
 from mtl_optax.loss.base import reweighter
+from mtl_optax.present import softmax_present
 
 
 class RLWState(NamedTuple):
   key: jax.Array
 
 
-def random_weights(key: jax.Array, k: int, scale: float) -> jax.Array:
-  """scale * softmax(z), z ~ N(0, I_K): Lin et al. 2022 (RLW), Sec. 3."""
-  return scale * jax.nn.softmax(jax.random.normal(key, (k,)))
+def random_weights(key: jax.Array, k: int, scale: float,
+                   present: jax.Array | None = None) -> jax.Array:
+  """scale * softmax(z), z ~ N(0, I_K): Lin et al. 2022 (RLW), Sec. 3; with `present`, the
+  softmax over the present tasks (0 for the others)."""
+  z = jax.random.normal(key, (k,))
+  return scale * (jax.nn.softmax(z) if present is None else softmax_present(z, present))
 
 
 def rlw(num_tasks: int, scale: float = 1.0, *,
@@ -48,8 +52,8 @@ def rlw(num_tasks: int, scale: float = 1.0, *,
     >>> print(np.asarray(state.weights).sum().round(3))  # random s, summing to scale
     1.0
   """
-  def weights(losses, state):
+  def weights(losses, state, present):
     key, sub = jax.random.split(state.key)
-    return random_weights(sub, num_tasks, scale), RLWState(key)
+    return random_weights(sub, num_tasks, scale, present), RLWState(key)
   return reweighter("rlw", num_tasks, lambda: RLWState(as_key(key)), weights,
-                    needs_losses=False)
+                    needs_losses=False, handles_absent=True)

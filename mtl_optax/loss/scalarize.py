@@ -97,15 +97,17 @@ def cosmos(num_tasks: int, lambda_: float = 1.0, weights=None, *,
   def init():
     return COSMOSState(as_key(0 if key is None else key), fixed)
 
-  def weight_fn(losses, state):
+  def weight_fn(losses, state, present):
     if key is None:
       r, new_key = fixed.astype(losses.dtype), state.key
     else:
       new_key, sub = jax.random.split(state.key)
       r = jax.random.dirichlet(sub, alphas).astype(losses.dtype)
-    return cosmos_scalings(losses, r, lambda_), COSMOSState(new_key, r.astype(jnp.float32))
+    # Absent tasks leave the loss and preference vectors (their entries set to 0).
+    s = cosmos_scalings(jnp.where(present, losses, 0.0), jnp.where(present, r, 0.0), lambda_)
+    return s, COSMOSState(new_key, r.astype(jnp.float32))
 
-  return reweighter("cosmos", num_tasks, init, weight_fn)
+  return reweighter("cosmos", num_tasks, init, weight_fn, handles_absent=True)
 
 
 def pbi_scalings(losses: jax.Array, direction: jax.Array, theta: float,
@@ -165,8 +167,11 @@ def pbi(num_tasks: int, theta: float = 5.0, weights=None, reference=None
   if z is not None and z.shape != (num_tasks,):
     raise ValueError(f"pbi: reference must have shape ({num_tasks},), got {z.shape}.")
 
-  def weight_fn(losses, state):
-    ref = None if z is None else z.astype(losses.dtype)
-    return pbi_scalings(losses, w.astype(losses.dtype), theta, ref), state
+  def weight_fn(losses, state, present):
+    # Absent tasks leave the loss, preference and reference vectors (their entries set to 0).
+    ref = None if z is None else jnp.where(present, z.astype(losses.dtype), 0.0)
+    direction = jnp.where(present, w.astype(losses.dtype), 0.0)
+    return pbi_scalings(jnp.where(present, losses, 0.0), direction, theta, ref), state
 
-  return reweighter("pbi", num_tasks, lambda: optax.EmptyState(), weight_fn)
+  return reweighter("pbi", num_tasks, lambda: optax.EmptyState(), weight_fn,
+                    handles_absent=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from mtl_optax.loss.base import positive, reweighter
+from mtl_optax.loss.base import reweighter
+from mtl_optax.present import num_present
 
 
 def equal_weights(num_tasks: int) -> optax.GradientTransformationExtraArgs:
@@ -58,7 +59,7 @@ def log_losses(num_tasks: int, eps: float = 1e-8) -> optax.GradientTransformatio
     [1.  0.5]
   """
   def weights(losses, state):
-    return 1.0 / (positive(losses) + eps), state
+    return 1.0 / (losses + eps), state
   return reweighter("log_losses", num_tasks, lambda: optax.EmptyState(), weights,
                     needs_positive=True)
 
@@ -89,8 +90,9 @@ def gls(num_tasks: int) -> optax.GradientTransformationExtraArgs:
     >>> print(np.asarray(state.weights).round(3))  # s_i
     [0.707 0.354]
   """
-  def weights(losses, state):
-    losses = positive(losses)
-    geometric_mean = jnp.exp(jnp.mean(jnp.log(losses)))
-    return geometric_mean / (losses.shape[0] * losses), state
-  return reweighter("gls", num_tasks, lambda: optax.EmptyState(), weights, needs_positive=True)
+  def weights(losses, state, present):  # the geometric mean of the present tasks' losses
+    n = num_present(present)
+    geometric_mean = jnp.exp(jnp.sum(jnp.where(present, jnp.log(losses), 0.0)) / n)
+    return geometric_mean / (n * losses), state
+  return reweighter("gls", num_tasks, lambda: optax.EmptyState(), weights, needs_positive=True,
+                    handles_absent=True)

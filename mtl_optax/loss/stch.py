@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax.checks import check_nonnegative_int, check_positive_int
-from mtl_optax.loss.base import positive, reweighter
+from mtl_optax.loss.base import reweighter
+from mtl_optax.present import num_present, softmax_present
 
 
 class STCHState(NamedTuple):
   count: jax.Array      # steps taken
   nadir_sum: jax.Array  # (K,) sum of the raw losses over the nadir epoch
+  nadir_steps: jax.Array  # (K,) steps of the nadir epoch each task took part in
 
 
 def stch(num_tasks: int, steps_per_epoch: int, mu: float = 1.0,
@@ -28,7 +30,7 @@ def stch(num_tasks: int, steps_per_epoch: int, mu: float = 1.0,
   Epochs 0 .. `warmup_epochs` - 1 minimize sum_i log L_i (s_i = 1 / L_i); epoch
   `warmup_epochs` does the same while averaging the raw losses into the nadir point z; the
   smooth Tchebycheff objective takes over from the next epoch. LibMTL takes
-  log(L_i / z_i + 1e-20); here losses must be positive (floored at 1e-12 inside jit), as for
+  log(L_i / z_i + 1e-20); here losses must be positive (inside jit, a task with a non-positive loss sits out the step), as for
   every log-based balancer.
 
   Args:
@@ -62,15 +64,19 @@ def stch(num_tasks: int, steps_per_epoch: int, mu: float = 1.0,
     raise ValueError(f"stch: mu must be > 0, got {mu!r}.")
 
   def init():
-    return STCHState(jnp.zeros([], jnp.int32), jnp.zeros((num_tasks,), jnp.float32))
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    return STCHState(jnp.zeros([], jnp.int32), zeros, jnp.zeros((num_tasks,), jnp.int32))
 
-  def weights(losses, state):
-    losses = positive(losses)
+  def weights(losses, state, present):
     epoch = state.count // steps_per_epoch
-    nadir = positive(state.nadir_sum / steps_per_epoch)
-    smooth = num_tasks * jax.nn.softmax(jnp.log(losses / nadir) / mu)
+    # The nadir of a task is its mean loss over the steps of the nadir epoch it took part in
+    # (1 if none).
+    seen = state.nadir_steps > 0
+    nadir = jnp.where(seen, state.nadir_sum / jnp.where(seen, state.nadir_steps, 1), 1.0)
+    smooth = num_present(present) * softmax_present(jnp.log(losses / nadir) / mu, present)
     s = jnp.where(epoch > warmup_epochs, smooth, 1.0) / losses
-    nadir_sum = state.nadir_sum + jnp.where(epoch == warmup_epochs, losses, 0.0)
-    return s, STCHState(state.count + 1, nadir_sum.astype(jnp.float32))
+    add = (epoch == warmup_epochs) & present
+    nadir_sum = state.nadir_sum + jnp.where(add, losses, 0.0)
+    return s, STCHState(state.count + 1, nadir_sum.astype(jnp.float32), state.nadir_steps + add)
 
-  return reweighter("stch", num_tasks, init, weights, needs_positive=True)
+  return reweighter("stch", num_tasks, init, weights, needs_positive=True, handles_absent=True)
