@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -126,13 +127,31 @@ def row_norms(stacked: Tree, axis_name: AxisName | None = None) -> jax.Array:
 
   Reduced over every axis but the first of each leaf (shard by shard when leaves are split over
   devices); inside `shard_map`, `axis_name` sums the squares over the mesh axes the rows are
-  split over, as for `gram`.
+  split over, as for `gram`. Rows whose squares would over- or underflow (norms beyond about
+  1e-15..1e15 in float32) are measured again divided by a power of two (at run time only then),
+  so any finite scale gives its norm.
   """
-  def leaf_squares(leaf):
-    leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
-    return jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
-  squares = sum(jax.tree.leaves(jax.tree.map(leaf_squares, stacked)))
-  return jnp.sqrt(squares if axis_name is None else jax.lax.psum(squares, axis_name))
+  def norms(rows):
+    def leaf_squares(leaf):
+      leaf = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+      return jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
+    squares = sum(jax.tree.leaves(jax.tree.map(leaf_squares, rows)))
+    return jnp.sqrt(squares if axis_name is None else jax.lax.psum(squares, axis_name))
+
+  out = norms(stacked)
+  top = jnp.max(jnp.where(jnp.isfinite(out), out, 0.0))
+  safe = ~jnp.any(out == jnp.inf) & (top > 2.0**-50) & (top < 2.0**50)
+
+  def rescaled(_):
+    peaks = [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0)) for x in jax.tree.leaves(stacked)]
+    peak = functools.reduce(jnp.maximum, peaks)
+    if axis_name is not None:
+      peak = jax.lax.pmax(peak, axis_name)
+    exponent = jnp.where(peak > 0, jnp.frexp(peak)[1], 0).astype(jnp.int32)
+    scaled = norms(jax.tree.map(lambda x: jnp.ldexp(x, -exponent), stacked))
+    return jnp.ldexp(scaled, exponent)
+
+  return jax.lax.cond(safe, lambda _: out, rescaled, None)
 
 
 def shape_tree(tree: Tree) -> Tree:

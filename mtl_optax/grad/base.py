@@ -6,6 +6,7 @@ sum of their rows (or, where a method says so, its weighted sum).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -140,6 +141,37 @@ def _finite(rows: Any, k: int, axis_name: tree_lib.AxisName | None) -> jax.Array
   return finite
 
 
+_SAFE_DIAGONAL = (2.0**-60, 2.0**60)
+
+
+def _power_of_two(exponent: Any, power: float | jax.Array, dtype) -> jax.Array:
+  """2^(exponent * power): exact (ldexp) for an integer power, else exp2."""
+  if isinstance(power, (int, float)) and float(power).is_integer():
+    return jnp.ldexp(jnp.ones((), dtype), jnp.asarray(exponent, jnp.int32) * int(power))
+  return jnp.exp2(jnp.asarray(exponent, dtype) * jnp.asarray(power, dtype))
+
+
+def safe_gram(rows: Any, axis_name: tree_lib.AxisName | None) -> tuple[jax.Array, jax.Array]:
+  """(M, e): the Gram matrix of rows / 2^e, e = 0 unless M's largest finite diagonal entry is
+  outside `_SAFE_DIAGONAL` (zero rows included, or M overflowed), then the exponent of the
+  rows' largest finite entry (M formed again, at run time only then)."""
+  gram = tree_lib.gram(rows, axis_name=axis_name)
+  diag = jnp.diag(gram)
+  top = jnp.max(jnp.where(jnp.isfinite(diag), diag, 0.0))
+  safe = ~jnp.any(diag == jnp.inf) & (top > _SAFE_DIAGONAL[0]) & (top < _SAFE_DIAGONAL[1])
+
+  def rescaled(_):
+    peaks = [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0)) for x in jax.tree.leaves(rows)]
+    peak = functools.reduce(jnp.maximum, peaks)
+    if axis_name is not None:
+      peak = jax.lax.pmax(peak, axis_name)
+    exponent = jnp.where(peak > 0, jnp.frexp(peak)[1], 0).astype(jnp.int32)
+    scaled = jax.tree.map(lambda x: jnp.ldexp(x, -exponent), rows)
+    return tree_lib.gram(scaled, axis_name=axis_name), exponent
+
+  return jax.lax.cond(safe, lambda _: (gram, jnp.zeros((), jnp.int32)), rescaled, None)
+
+
 def _combine(weights: jax.Array, rows: Any, present: jax.Array) -> Any:
   """sum_i w_i row_i over the present tasks' rows: absent ones (whose rows may be NaN) are
   dropped by a select, skipped (at run time) when every task is present, so the usual step
@@ -177,6 +209,7 @@ def gram_aggregator(
     needs_positive: bool = False,
     cross_gram: bool = False,
     handles_absent: bool = False,
+    homogeneity: float | jax.Array = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   """A balancer d = sum_i w_i g_i with w computed from the Gram matrix M = G G^T of the rows.
 
@@ -194,6 +227,14 @@ def gram_aggregator(
   and the per-task entries of its state (leaves with leading axis K) keep their old values, as
   does any entry the step would make non-finite.
 
+  Any finite scale: when the rows' Gram matrix would leave float's safe range (its largest
+  diagonal entry outside 2^-60..2^60, rows of norm beyond about 1e-9..1e9, or overflowing), M
+  is formed again from the rows divided by a power of two 2^e near their largest entry (exact
+  in binary floating point), so rows from 1e-30 to 1e30 in float32 are solved as rows of norm
+  about 1, and the weights are mapped back by the method's degree of homogeneity h
+  (d(t G) = t^h d(G), weights times 2^(e (h - 1))). On the Gram-only path M is formed from the
+  path's VJPs and is used as it is.
+
   Args:
     name: used in error messages.
     num_tasks: K.
@@ -210,6 +251,8 @@ def gram_aggregator(
       take part; M is 0 on the others' rows and columns), weights the present tasks as if the
       others did not exist and leaves their state as it was (a zero row of M is what most
       methods cannot take as "absent": MGDA's minimum-norm point would be 0).
+    homogeneity: h with d(t G) = t^h d(G) for t > 0: 1 for most methods, 0 for the
+      scale-invariant ones (Nash-MTL); methods with neither are rescaled as if h = 1.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
@@ -235,9 +278,9 @@ def gram_aggregator(
     mask = tree_lib.rows_mask(shared, jac_a, params, name)
     return tree_lib.gram(tree_lib.split(jac_a, mask)[0], tree_lib.split(jac_b, mask)[0])
 
-  def solve(gram, inner, losses, present):
+  def solve(gram, inner, losses, present, exponent=0):
     """(w, v, new inner state, present): the tasks whose Gram diagonal is not finite left
-    out."""
+    out; M is that of the rows divided by 2^exponent."""
     present = present & jnp.isfinite(jnp.diag(gram))
     gram = jnp.where(present[:, None] & present[None, :], gram, 0.0)
     kwargs = {"present": present} if handles_absent else {}
@@ -246,16 +289,20 @@ def gram_aggregator(
     specific_weights = present.astype(weights.dtype) if specific_weights is None else (
         jnp.where(present & jnp.isfinite(specific_weights), specific_weights, 0.0))
     new_inner = keep_absent(inner, new_inner, present, per_task=not handles_absent)
+    if not (isinstance(homogeneity, (int, float)) and homogeneity == 1):
+      factor = _power_of_two(exponent, homogeneity - 1, weights.dtype)
+      weights, specific_weights = weights * factor, specific_weights * factor
     return weights, specific_weights, new_inner, present
 
   def aggregate(shared_rows, state, losses, params, present, sample_jacobians=None,
                 axis_name=None):
+    exponent = 0
     if sample_jacobians is None:
-      gram = tree_lib.gram(shared_rows, axis_name=axis_name)
+      gram, exponent = safe_gram(shared_rows, axis_name)
     else:
       present = present & _finite(shared_rows, present.shape[0], axis_name)
       gram = sample_gram(sample_jacobians, params)
-    weights, specific_weights, state, present = solve(gram, state, losses, present)
+    weights, specific_weights, state, present = solve(gram, state, losses, present, exponent)
     return _combine(weights, shared_rows, present), weights, specific_weights, state
 
   extra_args = ("sample_jacobians",) if cross_gram else ()

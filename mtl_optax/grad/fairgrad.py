@@ -100,5 +100,6 @@ def fairgrad(
     w = fairgrad_weights(m, alpha, max_iter=max_iter, tol=tol)
     return w, w, state
 
+  # w(t^2 M) = t^(-2 alpha / (1 + alpha)) w(M), so d(t G) = t^h d(G), h = (1 - alpha) / (1 + alpha).
   return gram_aggregator("fairgrad", num_tasks, lambda params: optax.EmptyState(), weights,
-                         shared=shared)
+                         shared=shared, homogeneity=(1 - alpha) / (1 + alpha))

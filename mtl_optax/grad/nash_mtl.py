@@ -147,4 +147,5 @@ def nash_aggregator(
     return (clip_weights(alpha, m, max_norm), alpha,
             NashMTLState(state.step + 1, alpha, converged))
 
-  return gram_aggregator(name, num_tasks, init, weights, shared=shared)
+  # alpha(t^2 M) = alpha(M) / t: d = sum_i alpha_i g_i does not change with the rows' scale.
+  return gram_aggregator(name, num_tasks, init, weights, shared=shared, homogeneity=0.0)

@@ -11,6 +11,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
+from mtl_optax.grad.base import safe_gram
 from mtl_optax.rows import GramRows, GramUpdate, unstack
 from mtl_optax.state import BalancerState, weights_product
 
@@ -134,8 +135,8 @@ def threshold(
       mask = tree_lib.rows_mask(shared, updates, params, "threshold")
       # Inside shard_map with rows split over devices, the devices' Gram matrices are summed
       # (as the inner balancer does), so every device takes the same branch.
-      apply = choose(tree_lib.gram(tree_lib.split(updates, mask)[0],
-                                   axis_name=extra_args.get("axis_name")))
+      apply = choose(safe_gram(tree_lib.split(updates, mask)[0],
+                               extra_args.get("axis_name"))[0])
 
       def balanced(inner_state):
         return inner.update(updates, inner_state, params, **extra_args)
