@@ -181,7 +181,7 @@ METHODS: dict[str, Method] = {
                      "random", "stateful", "gram"),
     "gradnorm": _grad(lambda k, key, shared: gradnorm(k, shared=shared),
                       "stateful", "needs_losses", "gram", EQUIVARIANT),
-    "moco": _grad(lambda k, key, shared: moco(k, shared=shared), "stateful",
+    "moco": _grad(lambda k, key, shared: moco(k, shared=shared), "stateful", "needs_losses",
                   EQUIVARIANT, *SCALE_FREE),
     "imtl": _grad(lambda k, key, shared: imtl(k, shared=shared), "stateful",
                   "needs_losses", "gram", EQUIVARIANT, DIRECTION),

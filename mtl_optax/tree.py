@@ -30,6 +30,12 @@ def num_tasks(stacked: Tree, expected: int | None = None, name: str = "mtl_optax
     raise ValueError(f"{name}: the stacked updates have no leaves.")
   sizes = {}
   for path, leaf in leaves:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      raise ValueError(
+          f"{name}: leaf {jax.tree_util.keystr(path)} of the stacked gradients has dtype "
+          f"{jnp.result_type(leaf)}; gradients must be floating point (weights would be "
+          "truncated to integers): differentiate float parameters, or cast the rows with "
+          "jax.tree.map(lambda g: g.astype(jnp.float32), rows).")
     if jnp.ndim(leaf) == 0:
       raise ValueError(
           f"{name}: leaf {jax.tree_util.keystr(path)} is a scalar; stacked per-task "

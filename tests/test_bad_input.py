@@ -185,3 +185,26 @@ def test_task_weights_of_gradient_balancers():
   chain = optax.chain(mtl_optax.log_losses(K), mtl_optax.mean_tasks(), optax.sgd(0.1))
   with pytest.raises(ValueError, match=r"without an optimizer"):
     jax.jit(lambda l: mtl_optax.task_weights(chain, chain.init(None), l))(losses())
+
+
+@pytest.mark.parametrize("name", mtl_optax.registry.names())
+def test_needs_losses_is_what_the_balancer_reads(name):
+  """The registry's "needs_losses" says exactly which balancers fail without `losses`."""
+  tx = mtl_optax.registry.build(name, K)
+  jac = {"a": jnp.asarray(np.random.default_rng(0).normal(size=(K, 4)), jnp.float32)}
+  needs = "needs_losses" in mtl_optax.registry.METHODS[name].properties
+  if needs:
+    with pytest.raises(ValueError, match="needs the task losses"):
+      tx.update(jac, tx.init({"a": jnp.zeros(4)}), {"a": jnp.zeros(4)})
+  else:
+    tx.update(jac, tx.init({"a": jnp.zeros(4)}), {"a": jnp.zeros(4)})
+
+
+@pytest.mark.parametrize("name", ["ew", "mgda", "db_mtl", "igb_v1"])
+def test_integer_rows_are_an_error_that_names_the_balancer(name):
+  tx = mtl_optax.registry.build(name, K)
+  jac = {"a": jnp.ones((K, 4), jnp.int32)}
+  with pytest.raises(ValueError, match=r"leaf \['a'\] of the stacked gradients has dtype int32; "
+                     "gradients must be floating point"):
+    tx.update(jac, tx.init({"a": jnp.zeros(4)}), {"a": jnp.zeros(4)},
+              losses=jnp.ones(K))
