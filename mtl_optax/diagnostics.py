@@ -218,6 +218,11 @@ class _MemoGram:
     self._seen.append((mask, key, value))
     return value
 
+  def __getattr__(self, name):  # the wrapped function's `scaled`, if it has one
+    if name == "scaled":
+      return getattr(self._gram_fn, "scaled")
+    raise AttributeError(name)
+
 
 def memo_rows(rows: GramRows) -> tuple[GramRows, _MemoGram]:
   """`rows` with a Gram function that computes each mask's Gram matrix once (the true rows')."""

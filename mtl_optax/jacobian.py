@@ -195,26 +195,52 @@ def apply_to_gram_rows(balancer: optax.GradientTransformation, rows: GramRows,
   return out, new_state
 
 
-def chunked_gram(vjp_fn: Callable, losses: jax.Array, chunk_size: int):
+class _ChunkedGram:
   """mask -> J M J^T, M the projection onto the leaves `mask` marks shared (None: all).
 
   Column i is J (M J^T e_i): a VJP, then a JVP (the VJP's transpose), in chunks of
-  `chunk_size` tasks, so at most `chunk_size` rows of J exist at once.
+  `chunk_size` tasks, so at most `chunk_size` rows of J exist at once. `scaled(mask)` gives
+  the Gram matrix of J / 2^e with e the exponent of J's largest finite entry (K more VJPs to
+  find it): the cotangents divided by 2^e make rows J^T e_i / 2^e, exactly, in binary floating
+  point, so rows at any finite scale give a Gram matrix of order 1.
   """
-  jvp_fn = jax.linear_transpose(vjp_fn, losses)
 
-  def gram(mask):
+  def __init__(self, vjp_fn: Callable, losses: jax.Array, chunk_size: int):
+    self._vjp_fn, self._losses, self._chunk_size = vjp_fn, losses, chunk_size
+    self._jvp_fn = jax.linear_transpose(vjp_fn, losses)
+
+  def _row(self, e, mask):
+    (row,) = self._vjp_fn(e)
+    if mask is not None:
+      row = tree_lib.map_masked(lambda x: x, jnp.zeros_like, mask, row)
+    return row
+
+  def _gram(self, mask, scale=None):
     def column(e):
-      (row,) = vjp_fn(e)
-      if mask is not None:
-        row = tree_lib.map_masked(lambda x: x, jnp.zeros_like, mask, row)
-      (col,) = jvp_fn((row,))
-      return col
+      if scale is None:
+        return self._jvp_fn((self._row(e, mask),))[0]
+      (col,) = self._jvp_fn((self._row(e * scale, mask),))
+      return col * scale
 
-    k = losses.shape[0]
-    cols = jax.lax.map(column, jnp.eye(k, dtype=losses.dtype), batch_size=min(chunk_size, k))
+    k = self._losses.shape[0]
+    cols = jax.lax.map(column, jnp.eye(k, dtype=self._losses.dtype),
+                       batch_size=min(self._chunk_size, k))
     return 0.5 * (cols + cols.T)
-  return gram
+
+  def __call__(self, mask):
+    return self._gram(mask)
+
+  def scaled(self, mask):
+    k, dtype = self._losses.shape[0], self._losses.dtype
+    peaks = jax.lax.map(lambda e: tree_lib.peak(self._row(e, mask)), jnp.eye(k, dtype=dtype))
+    exponent = tree_lib.exponent_of(jnp.max(peaks))
+    return self._gram(mask, jnp.ldexp(jnp.ones((), dtype), -exponent)), exponent
+
+
+def chunked_gram(vjp_fn: Callable, losses: jax.Array, chunk_size: int) -> _ChunkedGram:
+  """mask -> J M J^T, M the projection onto the leaves `mask` marks shared (None: all), formed
+  `chunk_size` rows at a time (see `_ChunkedGram`, which also measures the rows' scale)."""
+  return _ChunkedGram(vjp_fn, losses, chunk_size)
 
 
 def pullback_gram(vjp_fn: Callable, out: GramUpdate, dtype) -> Any:

@@ -110,6 +110,26 @@ class GramRows(metaclass=_Hinted):
     g = self._gram_fn(mask)
     return self.coef @ g.astype(self.coef.dtype) @ self.coef.T
 
+  def scaled_gram(self, mask: Tree) -> tuple[jax.Array, jax.Array]:
+    """(V, f): the Gram matrix of the virtual rows divided by 2^f; f = 0 unless that Gram matrix
+    would over- or underflow and the Gram function can measure the rows' scale (its `scaled`
+    method: `mask -> (M / 4^e, e)`), then the true rows' exponent e plus that of the largest
+    coefficient (so loss balancers' large or small s_i are taken out too)."""
+    from mtl_optax import tree as tree_lib  # noqa: PLC0415 (tree imports this module)
+    virtual = self.gram(mask)
+    scaled = getattr(self._gram_fn, "scaled", None)
+    if scaled is None:
+      return virtual, jnp.zeros((), jnp.int32)
+
+    def rescaled(_):
+      g, e = scaled(mask)
+      c = tree_lib.exponent_of(jnp.max(jnp.abs(self.coef)))
+      coef = jnp.ldexp(self.coef, -c)
+      return coef @ g.astype(coef.dtype) @ coef.T, e + c
+
+    return jax.lax.cond(tree_lib.gram_in_range(virtual),
+                        lambda _: (virtual, jnp.zeros((), jnp.int32)), rescaled, None)
+
   def combine(self, shared: jax.Array, specific: jax.Array | None, mask: Tree) -> GramUpdate:
     """sum_i w_i r_i on shared leaves and sum_i v_i r_i (v = 1 if None) on the others."""
     if specific is None:

@@ -128,6 +128,30 @@ def gram(stacked: Tree, other: Tree | None = None,
   return g if axis_name is None else jax.lax.psum(g, axis_name)
 
 
+# The range of a Gram matrix's largest diagonal entry (squared row norm) used as formed; outside
+# it (or overflowed) the Gram matrix is formed again from the rows divided by a power of two.
+SAFE_DIAGONAL = (2.0**-60, 2.0**60)
+
+
+def gram_in_range(gram: jax.Array) -> jax.Array:
+  """Whether M's largest finite diagonal entry lies in `SAFE_DIAGONAL` and none overflowed."""
+  diag = jnp.diag(gram)
+  top = jnp.max(jnp.where(jnp.isfinite(diag), diag, 0.0))
+  return ~jnp.any(diag == jnp.inf) & (top > SAFE_DIAGONAL[0]) & (top < SAFE_DIAGONAL[1])
+
+
+def exponent_of(peak: jax.Array) -> jax.Array:
+  """e with 2^(e-1) <= peak < 2^e (0 for peak 0): rows divided by 2^e have entries below 1."""
+  return jnp.where(peak > 0, jnp.frexp(peak)[1], 0).astype(jnp.int32)
+
+
+def peak(stacked: Tree, axis_name: AxisName | None = None) -> jax.Array:
+  """The largest finite |entry| of the rows (inside `shard_map`, over the mesh axes)."""
+  peaks = [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0)) for x in jax.tree.leaves(stacked)]
+  out = functools.reduce(jnp.maximum, peaks)
+  return out if axis_name is None else jax.lax.pmax(out, axis_name)
+
+
 def row_norms(stacked: Tree, axis_name: AxisName | None = None) -> jax.Array:
   """The K row norms ||g_i||: the Gram matrix's diagonal in K P work instead of its K^2 P.
 
@@ -149,11 +173,7 @@ def row_norms(stacked: Tree, axis_name: AxisName | None = None) -> jax.Array:
   safe = ~jnp.any(out == jnp.inf) & (top > 2.0**-50) & (top < 2.0**50)
 
   def rescaled(_):
-    peaks = [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0)) for x in jax.tree.leaves(stacked)]
-    peak = functools.reduce(jnp.maximum, peaks)
-    if axis_name is not None:
-      peak = jax.lax.pmax(peak, axis_name)
-    exponent = jnp.where(peak > 0, jnp.frexp(peak)[1], 0).astype(jnp.int32)
+    exponent = exponent_of(peak(stacked, axis_name))
     scaled = norms(jax.tree.map(lambda x: jnp.ldexp(x, -exponent), stacked))
     return jnp.ldexp(scaled, exponent)
 

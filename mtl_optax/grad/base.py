@@ -6,7 +6,6 @@ sum of their rows (or, where a method says so, its weighted sum).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -141,9 +140,6 @@ def _finite(rows: Any, k: int, axis_name: tree_lib.AxisName | None) -> jax.Array
   return finite
 
 
-_SAFE_DIAGONAL = (2.0**-60, 2.0**60)
-
-
 def _power_of_two(exponent: Any, power: float | jax.Array, dtype) -> jax.Array:
   """2^(exponent * power): exact (ldexp) for an integer power, else exp2."""
   if isinstance(power, (int, float)) and float(power).is_integer():
@@ -153,23 +149,17 @@ def _power_of_two(exponent: Any, power: float | jax.Array, dtype) -> jax.Array:
 
 def safe_gram(rows: Any, axis_name: tree_lib.AxisName | None) -> tuple[jax.Array, jax.Array]:
   """(M, e): the Gram matrix of rows / 2^e, e = 0 unless M's largest finite diagonal entry is
-  outside `_SAFE_DIAGONAL` (zero rows included, or M overflowed), then the exponent of the
+  outside `tree.SAFE_DIAGONAL` (zero rows included, or M overflowed), then the exponent of the
   rows' largest finite entry (M formed again, at run time only then)."""
   gram = tree_lib.gram(rows, axis_name=axis_name)
-  diag = jnp.diag(gram)
-  top = jnp.max(jnp.where(jnp.isfinite(diag), diag, 0.0))
-  safe = ~jnp.any(diag == jnp.inf) & (top > _SAFE_DIAGONAL[0]) & (top < _SAFE_DIAGONAL[1])
 
   def rescaled(_):
-    peaks = [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), 0)) for x in jax.tree.leaves(rows)]
-    peak = functools.reduce(jnp.maximum, peaks)
-    if axis_name is not None:
-      peak = jax.lax.pmax(peak, axis_name)
-    exponent = jnp.where(peak > 0, jnp.frexp(peak)[1], 0).astype(jnp.int32)
+    exponent = tree_lib.exponent_of(tree_lib.peak(rows, axis_name))
     scaled = jax.tree.map(lambda x: jnp.ldexp(x, -exponent), rows)
     return tree_lib.gram(scaled, axis_name=axis_name), exponent
 
-  return jax.lax.cond(safe, lambda _: (gram, jnp.zeros((), jnp.int32)), rescaled, None)
+  return jax.lax.cond(tree_lib.gram_in_range(gram), lambda _: (gram, jnp.zeros((), jnp.int32)),
+                      rescaled, None)
 
 
 def _combine(weights: jax.Array, rows: Any, present: jax.Array) -> Any:
@@ -233,7 +223,8 @@ def gram_aggregator(
   in binary floating point), so rows from 1e-30 to 1e30 in float32 are solved as rows of norm
   about 1, and the weights are mapped back by the method's degree of homogeneity h
   (d(t G) = t^h d(G), weights times 2^(e (h - 1))). On the Gram-only path M is formed from the
-  path's VJPs and is used as it is.
+  path's VJPs, and formed again from VJPs of cotangents divided by 2^e in the same case
+  (`GramRows.scaled_gram`).
 
   Args:
     name: used in error messages.
@@ -317,8 +308,11 @@ def gram_aggregator(
     if losses is not None:
       losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
     samples = extra.get("sample_jacobians") if cross_gram else None
-    gram = updates.gram(mask) if samples is None else sample_gram(samples, params)
-    weights, specific_weights, inner, _ = solve(gram, state.inner, losses, present)
+    if samples is None:
+      gram, exponent = updates.scaled_gram(mask)
+    else:
+      gram, exponent = sample_gram(samples, params), 0
+    weights, specific_weights, inner, _ = solve(gram, state.inner, losses, present, exponent)
     new_state = BalancerState(weights.astype(state.weights.dtype), inner)
     return updates.combine(weights, specific_weights, mask), new_state
 
