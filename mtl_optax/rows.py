@@ -76,6 +76,8 @@ class GramUpdate(metaclass=_Hinted):
   Shared leaves get `shared` weights, task-specific leaves (`mask` False) `specific` weights;
   `mask` None means every leaf is shared. Not a pytree, so no optimizer can silently act on it.
   """
+  _hint = ("a Gram-only path balancer's weights on the true rows, not an update: "
+           "value_and_grad (path='gram') pulls them back to one gradient")
   shared: jax.Array    # (K,)
   specific: jax.Array  # (K,)
   mask: Tree

@@ -125,7 +125,24 @@ def test_check_losses():
     tree_lib.check_losses(None, 2, "x")
   with pytest.raises(ValueError, match=r"x: losses have shape \(3,\), expected \(2,\)"):
     tree_lib.check_losses(jnp.ones(3), 2, "x")
+
+
+
+def test_task_present():
+  """Present: marked, finite and (for log-taking balancers) positive; eagerly a non-positive
+  loss of a present task raises, inside jit it sits out."""
+  from mtl_optax.present import task_present
+  losses = jnp.asarray([1.0, 0.0, jnp.nan])
+  np.testing.assert_array_equal(task_present(None, losses, 3, "x"), [True, True, False])
+  np.testing.assert_array_equal(
+      task_present(jnp.asarray([True, False, True]), losses, 3, "x"), [True, False, False])
   with pytest.raises(ValueError, match=r"x takes log.*tasks \[1\]"):
-    tree_lib.check_losses(jnp.asarray([1.0, 0.0]), 2, "x", positive=True)
-  # Inside jit the values are unknown: no error (balancers floor instead).
-  jax.jit(lambda l: tree_lib.check_losses(l, 2, "x", positive=True))(jnp.asarray([1.0, 0.0]))
+    task_present(None, losses, 3, "x", positive=True)
+  # Marked absent, its zero loss is no error.
+  np.testing.assert_array_equal(
+      task_present(jnp.asarray([True, False, True]), losses, 3, "x", positive=True),
+      [True, False, False])
+  out = jax.jit(lambda l: task_present(None, l, 3, "x", positive=True))(losses)
+  np.testing.assert_array_equal(out, [True, False, False])
+  with pytest.raises(ValueError, match=r"x: present= must be a \(3,\) bool array"):
+    task_present(jnp.ones(3), losses, 3, "x")
