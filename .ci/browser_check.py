@@ -6,8 +6,10 @@ For each page below, Chromium loads the built file (file://, no network: backgro
 networking, QUIC and component updates off), runs its scripts (MathJax typesets the math) for a
 virtual 10 s, and dumps the rendered DOM. The check reads that DOM, not the source: the page's
 title, its tables (with rows), its images (each <img> src a file that exists in the build), and
-its math typeset by MathJax (<mjx-container> elements, with no MathJax error), and that no
-script or stylesheet comes from the network. It also saves a screenshot of each page
+its math typeset by MathJax (<mjx-container> elements, with no MathJax error), that no
+directive or role leaked into the text unrendered, and that no script, stylesheet or image
+comes from the network. Besides the three pages named by CI's brief (home, Nash-MTL's API page,
+the benchmarks), the datasets' tables and the method catalog are checked too. It also saves a screenshot of each page
 (1280 x 1600) into `--screenshots` (default: a temporary folder, printed). Exit status 1 on any
 failure.
 """
@@ -32,7 +34,10 @@ PAGES = [
     ("_autosummary/mtl_optax.nash_mtl.html", "mtl_optax.nash_mtl", 1, 1, 1),
     ("benchmarks/datasets.html", "Real data: QM9, MultiFashion, Yeast", 10, 0, 1),
     ("benchmarks/index.html", "Benchmarks and the seed papers", 2, 3, 1),
+    ("methods/index.html", "Methods", 3, 0, 1),
 ]
+# Markup that should have been rendered: its text in a page means a directive or role leaked.
+LEAKS = (".. list-table::", ".. math::", ":func:`", "```{", "{doc}`", ":start-line:")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--virtual-time-budget=10000"]
@@ -48,9 +53,13 @@ class _Dom(html.parser.HTMLParser):
     self.tables = self.rows = self.math = self.math_errors = 0
     self.images: list[str] = []
     self.remote: list[str] = []
+    self.text: list[str] = []
+    self._skip = 0  # inside <script>, <style> or <pre>: not prose
 
   def handle_starttag(self, tag, attrs):
     a = dict(attrs)
+    if tag in ("script", "style", "pre"):
+      self._skip += 1
     if tag in ("title", "h1") and not getattr(self, f"_{tag}_done", False):
       self._in = tag
     elif tag == "table":
@@ -71,11 +80,15 @@ class _Dom(html.parser.HTMLParser):
           self.remote.append(url)
 
   def handle_endtag(self, tag):
+    if tag in ("script", "style", "pre"):
+      self._skip = max(self._skip - 1, 0)
     if tag == self._in:
       setattr(self, f"_{tag}_done", True)  # the document's title and first h1 only
       self._in = None
 
   def handle_data(self, data):
+    if not self._skip:
+      self.text.append(data)
     if self._in == "title":
       self.title += data
     elif self._in == "h1":
@@ -122,6 +135,10 @@ def check_page(chromium: str, build: pathlib.Path, page: str, title: str, tables
   if parsed.math < math or parsed.math_errors:
     problems.append(f"{page}: {parsed.math} typeset formulas (expected >= {math}), "
                     f"{parsed.math_errors} MathJax errors")
+  text = " ".join(parsed.text)
+  leaked = [m for m in LEAKS if m in text]
+  if leaked:
+    problems.append(f"{page}: unrendered markup in the page's text: {leaked}")
   if parsed.remote:
     problems.append(f"{page}: loads from the network: {parsed.remote}")
   shot = shots / (page.replace("/", "_").removesuffix(".html") + ".png")

@@ -73,6 +73,7 @@ default_role = "code"
 # HTML: furo ships its assets; nothing is fetched from a CDN at build or view time.
 html_theme = "furo"
 html_title = f"mtl_optax {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_show_sourcelink = False
 html_copy_source = False

@@ -61,8 +61,10 @@ def test_method_catalog_has_a_row_per_registry_method():
   method_catalog.check_external()
   rows = method_catalog.catalog_rows()
   assert len(rows) == sum("@" not in n for n in registry.METHODS)
-  nash = next(r for r in rows if r[0] == "Nash-MTL")
-  assert "2202.01017" in nash[6] and "Eq. 5" in nash[7] and "Nash_MTL" in nash[8]
+  nash = dict(zip(method_catalog.CATALOG_HEADER, next(r for r in rows if r[0] == "Nash-MTL")))
+  assert "Navon et al. 2022" in nash["paper"] and "2202.01017" in nash["paper"]
+  assert "Eq. 5" in nash["paper"] and "Nash_MTL" in nash["LibMTL"]
+  assert "NashMTL" in nash["torchjd"] and "scale invariant" in nash["properties"]
 
 
 def test_readme_is_a_front_door():

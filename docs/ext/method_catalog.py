@@ -140,19 +140,24 @@ def reference(name: str) -> dict[str, Any]:
   _, _, refs = doc.partition("References:")
   text = " ".join(refs.strip().split("\n\n")[0].split())
   first = text
-  # The first citation ends at the first ';' outside quotes.
-  in_quote = False
+  # The first citation ends at the first ';' outside quotes and parentheses.
+  in_quote, depth = False, 0
   for i, ch in enumerate(text):
     if ch == '"':
       in_quote = not in_quote
-    elif ch == ";" and not in_quote:
+    elif ch == "(":
+      depth += 1
+    elif ch == ")":
+      depth = max(depth - 1, 0)
+    elif ch == ";" and not in_quote and depth == 0:
       first = text[:i]
       break
-  authors = first.split(",")[0].strip() if first else ""
+  head = first.split('"')[0] if '"' in first else first.split(",")[0]
+  authors = head.strip().rstrip(",. ")
   title = re.search(r'"([^"]+)"', first)
   return {"text": first, "authors": authors, "title": title.group(1) if title else "",
           "arxiv": _ARXIV.findall(first) or _ARXIV.findall(text),
-          "where": ", ".join(dict.fromkeys(_LOCATION.findall(first)))}
+          "where": ", ".join(dict.fromkeys(w.rstrip(".") for w in _LOCATION.findall(first)))}
 
 
 SHOWN_PROPERTIES = ("scale_invariant", "scale_invariant_direction", "non_conflicting",
@@ -164,31 +169,49 @@ def _props(method: Any) -> str:
   props = [p for p in SHOWN_PROPERTIES if p in method.properties]
   if "scale_invariant" in props:
     props.remove("scale_invariant_direction")
-  return ", ".join(p.replace("_", " ") for p in props) or "-"
+  return ", ".join(p.replace("_", " ") for p in props) or NONE
+
+
+NONE = "\u2014"  # an em dash: an empty cell (a bare "-" would be a bullet list in RST)
 
 
 def _cell(text: str) -> str:
-  return text.replace("|", "\\|") or "-"
+  return text.replace("|", "\\|") or NONE
 
 
 def _arxiv_links(ids: list[str]) -> str:
-  return ", ".join(f"`{i} <https://arxiv.org/abs/{i}>`__" for i in ids) or "-"
+  return ", ".join(f"`arXiv {i} <https://arxiv.org/abs/{i}>`__" for i in ids) or NONE
+
+
+def _code(name: str) -> str:
+  return f"``{name}``" if name else NONE
+
+
+def paper_cell(name: str) -> str:
+  """Authors and year, the arXiv link(s), and the equation or algorithm."""
+  ref = reference(name)
+  parts = [ref["authors"]] if ref["authors"] else []
+  if ref["arxiv"]:
+    parts.append(_arxiv_links(ref["arxiv"]))
+  if ref["where"]:
+    parts.append(ref["where"])
+  return ", ".join(parts) or NONE
+
+
+CATALOG_HEADER = ["method", "factory (registry name)", "paths", "properties", "paper",
+                  "LibMTL", "torchjd"]
 
 
 def catalog_rows(kind: str | None = None) -> list[list[str]]:
-  """The catalog's rows (RST cells): method, factory, family, paths, properties, paper, arXiv,
-  equation, LibMTL, torchjd."""
+  """The catalog's rows (RST cells), in `CATALOG_HEADER`'s order."""
   rows = []
   for name, method in base_methods().items():
     if kind and method.kind != kind:
       continue
     usual, libmtl, torchjd = EXTERNAL[name]
-    ref = reference(name)
-    paper = ref["authors"] + (f', "{ref["title"]}"' if ref["title"] else "")
     rows.append([usual, f":func:`~mtl_optax.{factory_name(name)}` (``{name}``)",
-                 f"{method.kind} balancer", ", ".join(paths(method)), _props(method),
-                 paper, _arxiv_links(ref["arxiv"]), ref["where"] or "-",
-                 f"``{libmtl}``" if libmtl else "-", f"``{torchjd}``" if torchjd else "-"])
+                 ", ".join(paths(method)), _props(method), paper_cell(name),
+                 _code(libmtl), _code(torchjd)])
   return rows
 
 
@@ -203,6 +226,10 @@ def _list_table(header: list[str], rows: list[list[str]], widths: str = "auto") 
 
 class _RstDirective(SphinxDirective):
   def _parse(self, lines: list[str]) -> list[nodes.Node]:
+    # The lines are reStructuredText; on a MyST page nested content is read as Markdown, so
+    # hand it to MyST's eval-rst directive there.
+    if type(self.state).__module__.startswith("myst_parser"):
+      lines = ["````{eval-rst}", *lines, "````"]
     container = nodes.container()
     self.state.nested_parse(StringList(lines, source=self.get_source_info()[0]),
                             self.content_offset, container)
@@ -222,9 +249,7 @@ class Catalog(_RstDirective):
               for n, m in registry.METHODS.items() if "@" in n]
       return self._parse(_list_table(["registry name", "built as", "criterion", "properties"],
                                      rows))
-    header = ["method", "factory (registry name)", "family", "paths", "properties", "paper",
-              "arXiv", "where", "LibMTL", "torchjd"]
-    return self._parse(_list_table(header, catalog_rows(self.options.get("kind"))))
+    return self._parse(_list_table(CATALOG_HEADER, catalog_rows(self.options.get("kind"))))
 
 
 class Card(_RstDirective):
@@ -246,8 +271,8 @@ class Card(_RstDirective):
             ["properties", _props(method)],
             ["paper", _cell(ref["text"])],
             ["arXiv", _arxiv_links(ref["arxiv"])],
-            ["LibMTL", f"``{libmtl}``" if libmtl else "-"],
-            ["torchjd", f"``{torchjd}``" if torchjd else "-"]]
+            ["LibMTL", _code(libmtl)],
+            ["torchjd", _code(torchjd)]]
     lines = [f".. rubric:: {usual} at a glance", ""]
     lines += [".. list-table::", "   :header-rows: 0", "   :widths: 20 80",
               "   :class: mtl-card", ""]
