@@ -64,6 +64,11 @@ autosummary_imported_members = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
+# Keep the names of the type aliases in signatures instead of their expanded unions.
+autodoc_type_aliases = {name: name for name in (
+    "optax.ScalarOrSchedule", "optax.OptState", "optax.Params", "optax.Updates",
+    "tree_lib.MaskOrFn", "tree_lib.Tree", "jax.typing.ArrayLike", "np.typing.ArrayLike",
+    "Tree", "MaskOrFn")}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
