@@ -98,22 +98,36 @@ def zero_absent(rows: Tree, present: jax.Array) -> Tree:
   return jax.tree.map(zero, rows)
 
 
-def keep_absent(old: Tree, new: Tree, present: jax.Array, *, per_task: bool = True) -> Tree:
+# State leaves up to this many entries are always guarded against non-finite values; larger
+# ones (per-task gradient buffers, K copies of the parameters) only with `large`: a select over
+# them after the step that made them cost DB-MTL's update 2-3x (K = 11, 400k parameters), so
+# methods that keep such buffers select inside the expression that updates them.
+SMALL_LEAF = 1 << 16
+
+
+def keep_absent(old: Tree, new: Tree, present: jax.Array, *, per_task: bool = True,
+                large: bool = True) -> Tree:
   """The new state, with the old values kept where a task sat out or a value is not finite.
 
-  Every floating leaf keeps its old value wherever the new one is not finite. With `per_task`,
-  a leaf whose leading axis is K holds per-task entries, and entry i keeps its old value when
-  task i is absent (methods whose state has K-sized axes of another meaning, such as IGBv2's
-  agent, handle absent tasks themselves and pass `per_task=False`). PRNG keys take their new
-  value.
+  Every floating leaf keeps its old value wherever the new one is not finite (leaves larger
+  than `SMALL_LEAF` entries only with `large`). With
+  `per_task`, a leaf whose leading axis is K holds per-task entries, and entry i keeps its old
+  value when task i is absent (methods whose state has K-sized axes of another meaning, such as
+  IGBv2's agent, handle absent tasks themselves and pass `per_task=False`). PRNG keys take
+  their new value.
   """
   k = present.shape[0]
 
   def keep(o, n):
     if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
       return n
-    take = jnp.isfinite(n) if jnp.issubdtype(n.dtype, jnp.inexact) else jnp.ones((), bool)
-    if per_task and n.shape[:1] == (k,):
-      take = take & present.reshape((-1,) + (1,) * (n.ndim - 1))
-    return jnp.where(take, n, o)
+    floating = jnp.issubdtype(n.dtype, jnp.inexact)
+
+    def select():
+      take = jnp.isfinite(n) if floating else jnp.ones((), bool)
+      if per_task and n.shape[:1] == (k,):
+        take = take & present.reshape((-1,) + (1,) * (n.ndim - 1))
+      return jnp.where(take, n, o)
+
+    return select() if large or n.size <= SMALL_LEAF else n
   return jax.tree.map(keep, old, new)

@@ -68,8 +68,9 @@ def aggregator(
     handles_absent: `aggregate_fn` takes the keyword `present` (the `(K,)` bool of the tasks
       with finite losses and task-specific rows that take part; rows of the others may be
       non-finite), gives the others weight 0, combines the present rows as if the others did
-      not exist and leaves their state as it was; the builder then guards only against
-      non-finite state.
+      not exist and leaves their state as it was, selecting with `present` inside the
+      expressions that update its per-task buffers; the builder then guards only the state's
+      small leaves (`present.SMALL_LEAF`) against non-finite values.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
@@ -112,7 +113,7 @@ def aggregator(
       kwargs["present"] = present
     else:
       present = present & _finite(shared_rows, k, axis_name)
-      shared_rows = _zero_absent(shared_rows, present)
+      shared_rows = zero_absent(shared_rows, present)
     if losses is not None:
       losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
     out, weights, specific_weights, inner = aggregate_fn(
@@ -122,7 +123,10 @@ def aggregator(
     specific_weights = jnp.where(present, specific_weights, 0.0)
     specific = tree_lib.combine(specific_weights, _zero_absent(specific_rows, present))
     weights = jnp.where(present, jnp.broadcast_to(weights, (k,)), 0.0)
-    inner = keep_absent(state.inner, inner, present, per_task=not handles_absent)
+    # A method that handles absent tasks selects its per-task buffers itself (inside the
+    # expression that updates them, at no extra pass); the builder guards its small leaves.
+    inner = keep_absent(state.inner, inner, present, per_task=not handles_absent,
+                        large=not handles_absent)
     return (tree_lib.merge(out, specific, mask),
             BalancerState(weights.astype(state.weights.dtype), inner))
 
