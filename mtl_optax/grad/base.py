@@ -40,6 +40,7 @@ def aggregator(
     needs_positive: bool = False,
     extra_args: tuple[str, ...] = (),
     handles_absent: bool = False,
+    _finite_shared: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a gradient balancer from `aggregate_fn`, which sees only the shared rows.
 
@@ -66,10 +67,11 @@ def aggregator(
     extra_args: names of extra keyword arguments of `update` passed on to `aggregate_fn`
       (None if absent).
     handles_absent: `aggregate_fn` takes the keyword `present` (the `(K,)` bool of the tasks
-      with finite losses and task-specific rows that take part; rows of the others may be
-      non-finite), gives the others weight 0, combines the present rows as if the others did
-      not exist and leaves their state as it was; the builder then guards only against
-      non-finite state.
+      with finite losses and rows that take part; rows of the others may be non-finite),
+      gives the others weight 0, combines the present rows as if the others did not exist and
+      leaves their state as it was; the builder then guards only against non-finite state.
+    _finite_shared: (internal) with `handles_absent`, whether the builder checks the shared
+      rows' finiteness for `present` (`gram_aggregator` reads it off the Gram diagonal).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
@@ -108,10 +110,11 @@ def aggregator(
     kwargs = {n: extra.get(n) for n in extra_args}
     if axis_name is not None:
       kwargs["axis_name"] = axis_name
+    if not handles_absent or _finite_shared:
+      present = present & _finite(shared_rows, k, axis_name)
     if handles_absent:
       kwargs["present"] = present
     else:
-      present = present & _finite(shared_rows, k, axis_name)
       shared_rows = _zero_absent(shared_rows, present)
     if losses is not None:
       losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
@@ -260,7 +263,7 @@ def gram_aggregator(
 
   extra_args = ("sample_jacobians",) if cross_gram else ()
   on_rows = aggregator(name, num_tasks, init_fn, aggregate, extra_args=extra_args,
-                       handles_absent=True, **checks)
+                       handles_absent=True, _finite_shared=False, **checks)
 
   def update(updates, state, params=None, *, losses=None, present=None, **extra):
     if not isinstance(updates, GramRows):
