@@ -39,7 +39,7 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
 from mtl_optax.present import finite_rows, task_present
-from mtl_optax.rows import GramRows, GramUpdate, StackedRows, unstack
+from mtl_optax.rows import GramRows, GramUpdate, StackedRows, carried_present, unstack
 from mtl_optax.state import weights_product
 
 Tree = Any
@@ -245,7 +245,7 @@ class _MemoGram:
 def memo_rows(rows: GramRows) -> tuple[GramRows, _MemoGram]:
   """`rows` with a Gram function that computes each mask's Gram matrix once (the true rows')."""
   memo = _MemoGram(rows._gram_fn)  # pylint: disable=protected-access
-  return GramRows(rows.coef, memo), memo
+  return GramRows(rows.coef, memo, rows.present), memo
 
 
 def reported_convergence(state: Any) -> jax.Array:
@@ -255,14 +255,15 @@ def reported_convergence(state: Any) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(f) for f in flags])) if flags else jnp.array(True)
 
 
-def _present(extra_args: dict, finite: jax.Array, num_tasks: int) -> jax.Array:
+def _present(extra_args: dict, finite: jax.Array, num_tasks: int,
+             carried: jax.Array | None) -> jax.Array:
   """The tasks the diagnostics run over: `present` (all if not given), with finite losses (if
-  given) and finite rows."""
+  given) and finite rows, and not left out by a loss balancer before (`carried`)."""
   losses = extra_args.get("losses")
   if losses is not None and jnp.shape(losses) != (num_tasks,):
     losses = None  # the balancer reports the wrong shape
-  return task_present(extra_args.get("present"), losses, num_tasks,
-                      "with_diagnostics") & finite
+  present = task_present(extra_args.get("present"), losses, num_tasks, "with_diagnostics")
+  return present & finite if carried is None else present & finite & carried
 
 
 def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
@@ -321,7 +322,7 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
       else:  # loss balancers alone: the sum of the reweighted rows
         weights, mask = out.coef.T @ jnp.ones((out.num_tasks,), out.coef.dtype), None
       gram = memo(mask)
-      present = _present(extra_args, jnp.isfinite(jnp.diag(gram)), num_tasks)
+      present = _present(extra_args, jnp.isfinite(jnp.diag(gram)), num_tasks, rows.present)
       diag = diagnostics_from_gram(gram, weights, converged, tol=tol, present=present)
     else:
       out, inner_state = inner.update(updates, state.inner, params, **extra_args)
@@ -334,7 +335,7 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
       mask = tree_lib.rows_mask(shared, rows, params, "with_diagnostics")
       weights = weights_product(inner_state)
       weights = None if weights is None else jnp.broadcast_to(weights, (num_tasks,))
-      present = _present(extra_args, finite_rows(rows), num_tasks)
+      present = _present(extra_args, finite_rows(rows), num_tasks, carried_present(updates))
       if extra_args.get("axis_name") is not None:
         present = jax.lax.pmin(present.astype(jnp.int32), extra_args["axis_name"]) > 0
       diag = diagnostics_from_rows(jax.lax.stop_gradient(rows), jax.lax.stop_gradient(out),

@@ -15,9 +15,9 @@ Every registered balancer (loss and gradient), jitted, K = 3 (Krum: 4, as it nee
   cannot be sliced (see `NOT_SLICED`) are checked for weight 0, finiteness and untouched state.
 - `test_one_bad_step`: after warm-up, one step with a NaN loss, an infinite loss, a NaN row, a
   zero or a negative loss, then good steps: every state leaf stays finite, the bad task's weight
-  is 0 on the bad step (a zero or negative loss: for the balancers taking the log of the losses)
-  and, for stateless methods without random draws, the later updates equal those of a run
-  without the bad step.
+  is 0 on the bad step and its per-task state entries are unchanged (a zero or negative loss:
+  for the balancers taking the log of the losses) and, for stateless methods without random
+  draws, the later updates equal those of a run without the bad step.
 - `test_paths`: the same through `mtl_optax.value_and_grad` on a tiny model, on the "stacked",
   "gram" (Gram-based methods and loss balancers) and "representation" paths: the update with a
   task absent equals that of the model and method without the task (a few methods in the
@@ -60,6 +60,8 @@ NOT_SLICED = {
     "sdmgrad": "w on the simplex: the present part is renormalized",
     "gradnorm": "weights summing to K: the present ones keep their sum",
     "excess_mtl": "log-weights normalized over K tasks",
+    "famo": "the logit step for the previous step needs every task's loss change: skipped on "
+            "a step with an absent task (the K - 1 build takes it)",
 }
 # Per-task state entries of these methods are checked by the method's own tests: IGBv2's
 # agent has K-sized axes of another meaning.
@@ -223,6 +225,9 @@ def test_one_bad_step(name):
       if name in LOSS:
         for x in leaves(out):
           np.testing.assert_array_equal(x[j], 0, err_msg=what)
+      if name not in NOT_PER_TASK:
+        for old, new in zip(per_task(warm, k), per_task(state, k)):
+          np.testing.assert_array_equal(new[j], old[j], err_msg=f"{what}: its state moved")
     for t, (rows, losses) in enumerate(later):
       out, _, state = step(rows, state, losses, every)
       assert_finite((out, state), f"{what}, step {t} after it")

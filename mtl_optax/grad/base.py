@@ -16,7 +16,7 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
 from mtl_optax.present import finite_rows, keep_absent, task_present, zero_absent
-from mtl_optax.rows import GramRows, RepresentationRows, unstack
+from mtl_optax.rows import GramRows, RepresentationRows, carried_present, unstack
 from mtl_optax.state import BalancerState
 
 # (shared_rows, state, losses, params[, axis_name=]) -> (aggregated shared tree, weights (K,)
@@ -97,6 +97,7 @@ def aggregator(
 
   def update(updates, state, params=None, *, losses=None, present=None, axis_name=None,
              **extra):
+    carried = carried_present(updates)
     updates = unstack(updates)
     if isinstance(updates, GramRows):
       raise ValueError(
@@ -105,6 +106,8 @@ def aggregator(
           "representation path.")
     k, losses, mask = check(updates, params, losses)
     present = task_present(present, losses, k, name, positive=needs_positive)
+    if carried is not None:  # tasks a loss balancer before it left out (their rows are 0)
+      present = present & carried
     shared_rows, specific_rows = tree_lib.split(updates, mask)
     present = present & _finite(specific_rows, k, axis_name)
     kwargs = {n: extra.get(n) for n in extra_args}
@@ -270,6 +273,8 @@ def gram_aggregator(
       return on_rows.update(updates, state, params, losses=losses, present=present, **extra)
     k, losses, mask = check(updates, params, losses)
     present = task_present(present, losses, k, name, positive=needs_positive)
+    if updates.present is not None:  # tasks a loss balancer before it left out
+      present = present & updates.present
     if losses is not None:
       losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
     samples = extra.get("sample_jacobians") if cross_gram else None
@@ -340,9 +345,12 @@ def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransform
 
   def update(updates, state, params=None, *, present=None, **extra_args):
     del params, extra_args
+    carried = carried_present(updates)
     updates = unstack(updates)
     k = tree_lib.num_tasks(updates, name=name)
     present = task_present(present, None, k, name)
+    if carried is not None:  # tasks a loss balancer before it left out
+      present = present & carried
     weights = jnp.where(present, scale(k), 0.0)
     new_state = BalancerState(jnp.asarray(scale(k), state.weights.dtype), state.inner)
     if isinstance(updates, GramRows):

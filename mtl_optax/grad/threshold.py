@@ -13,7 +13,7 @@ from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
 from mtl_optax.grad.base import _combine, _finite
 from mtl_optax.present import task_present
-from mtl_optax.rows import GramRows, GramUpdate, unstack
+from mtl_optax.rows import GramRows, GramUpdate, carried_present, unstack
 from mtl_optax.state import BalancerState, weights_product
 
 Criterion = Literal["imbalance", "similarity"]
@@ -111,14 +111,17 @@ def threshold(
       return ratio > threshold
     return similarity < threshold
 
-  def given(k, extra_args):
-    """The tasks that take part as far as `present` and the losses say (the rows: below)."""
+  def given(k, extra_args, carried):
+    """The tasks that take part as far as `present`, the losses and a loss balancer before it
+    say (the rows: below)."""
     losses = extra_args.get("losses")
     if losses is not None:
       losses = tree_lib.check_losses(losses, k, "threshold")
-    return task_present(extra_args.get("present"), losses, k, "threshold")
+    present = task_present(extra_args.get("present"), losses, k, "threshold")
+    return present if carried is None else present & carried
 
   def update(updates, state, params=None, **extra_args):
+    carried, received = carried_present(updates), updates
     updates = unstack(updates)
     dtype, state = state.weights.dtype, state.inner
     if isinstance(updates, GramRows):
@@ -126,7 +129,7 @@ def threshold(
       rows, memo = memo_rows(updates)
       mask = tree_lib.rows_mask(shared, updates, params, "threshold")
       gram = memo(mask)
-      present = given(updates.num_tasks, extra_args) & jnp.isfinite(jnp.diag(gram))
+      present = given(updates.num_tasks, extra_args, carried) & jnp.isfinite(jnp.diag(gram))
       apply = choose(gram, present)
       seen = {}
 
@@ -154,12 +157,12 @@ def threshold(
       axis_name = extra_args.get("axis_name")
       gram = tree_lib.gram(shared_rows, axis_name=axis_name)
       # The tasks that take part: given, finite losses, finite rows (absent rows sit out).
-      present = given(k, extra_args) & jnp.isfinite(jnp.diag(gram)) & _finite(
+      present = given(k, extra_args, carried) & jnp.isfinite(jnp.diag(gram)) & _finite(
           specific_rows, k, axis_name)
       apply = choose(gram, present)
 
       def balanced(inner_state):
-        return inner.update(updates, inner_state, params, **extra_args)
+        return inner.update(received, inner_state, params, **extra_args)
 
       def plain(inner_state):  # the sum of the present rows
         return _combine(present.astype(jnp.float32), updates, present), inner_state

@@ -12,7 +12,7 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
 from mtl_optax.present import finite_rows, keep_absent, task_present
-from mtl_optax.rows import GramRows, StackedRows, unstack
+from mtl_optax.rows import GramRows, StackedRows, carried_present, unstack
 from mtl_optax.state import BalancerState
 
 WeightFn = Callable[..., tuple[jax.Array, Any]]  # (losses, state, **extra) -> (s, state)
@@ -80,6 +80,8 @@ def reweighter(
     if needs_losses or losses is not None:
       losses = tree_lib.check_losses(losses, k, name)
     present = task_present(present, losses, k, name, positive=needs_positive)
+    if carried_present(updates) is not None:  # a loss balancer before it left those out
+      present = present & carried_present(updates)
     if not isinstance(rows, GramRows):  # a non-finite row sits out too (rows on the Gram-only
       finite = finite_rows(rows)        # path: value_and_grad's `present` says)
       if extra.get("axis_name") is not None:
@@ -94,9 +96,9 @@ def reweighter(
     weights = jnp.where(present & jnp.isfinite(weights), weights, 0.0)
     inner = keep_absent(state.inner, inner, present, per_task=not handles_absent)
     if isinstance(rows, GramRows):
-      out = rows.scale(weights)
+      out = rows.scale(weights, present)
     else:
-      out = StackedRows(tree_lib.scale_rows(weights, rows, present))
+      out = StackedRows(tree_lib.scale_rows(weights, rows, present), present)
     return out, BalancerState(weights.astype(state.weights.dtype), inner)
 
   return optax.GradientTransformationExtraArgs(init, update)
