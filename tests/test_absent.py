@@ -312,3 +312,34 @@ def test_paths(name, path):
                             jnp.ones((k - 1,), bool))
     output_close(out.grad["trunk"], out_less.grad["trunk"], what)
     output_close(np.asarray(out.grad["heads"])[keep], out_less.grad["heads"], what)
+
+
+# -- wrappers --
+
+@pytest.mark.parametrize("how", ["present", "nan_row"])
+def test_with_diagnostics_over_the_present_tasks(how):
+  """`with_diagnostics` reports the present tasks' diagnostics (those of the method without the
+  others: the absent task's entries 0), and its state stays finite."""
+  k, j = 3, 1
+  keep = np.arange(k) != j
+  rows, losses = data(3, k)
+  present = jnp.asarray(keep) if how == "present" else None
+  if how == "nan_row":
+    rows = jax.tree.map(lambda x: x.at[j, 0].set(jnp.nan), rows)
+  tx = mtl_optax.with_diagnostics(registry.build("mgda", k), k)
+  tx_less = mtl_optax.with_diagnostics(registry.build("mgda", k - 1), k - 1)
+  d, state = jax.jit(lambda r, l, p: tx.update(r, tx.init(PARAMS), PARAMS, losses=l,
+                                               present=p))(rows, losses, present)
+  less_rows = jax.tree.map(lambda x: x[keep], rows)
+  d_less, state_less = tx_less.update(less_rows, tx_less.init(PARAMS), PARAMS,
+                                      losses=losses[keep])
+  assert_finite((d, state), how)
+  got, want = state.diagnostics, state_less.diagnostics
+  for field in ("progress", "cosines", "norms", "normalized_weights"):
+    x = np.asarray(getattr(got, field))
+    assert x[j] == 0, field
+    output_close(x[keep], getattr(want, field), field)
+  for field in ("imbalance_ratio", "conflict_share", "min_pair_cosine", "effective_tasks"):
+    output_close(getattr(got, field), getattr(want, field), field)
+  for a, b in zip(leaves(d), leaves(d_less)):
+    output_close(a, b, "update")
