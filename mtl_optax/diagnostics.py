@@ -38,7 +38,8 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
-from mtl_optax.rows import GramRows, GramUpdate, StackedRows, unstack
+from mtl_optax.present import finite_rows, task_present
+from mtl_optax.rows import GramRows, GramUpdate, StackedRows, carried_present, unstack
 from mtl_optax.state import weights_product
 
 Tree = Any
@@ -68,12 +69,18 @@ def empty_diagnostics(num_tasks: int, dtype: Any = jnp.float32) -> Diagnostics:
 
 
 def _from_parts(gram: jax.Array, progress: jax.Array, d_sq: jax.Array, weights: jax.Array,
-                converged: jax.Array | bool | None, tol: float) -> Diagnostics:
+                converged: jax.Array | bool | None, tol: float,
+                present: jax.Array | None = None) -> Diagnostics:
   gram = jnp.asarray(gram)
   dtype = jnp.promote_types(gram.dtype, jnp.float32)
   gram, progress = gram.astype(dtype), jnp.asarray(progress, dtype)
   weights = jnp.asarray(weights, dtype)
   k = gram.shape[-1]
+  if present is not None:  # absent tasks (rows possibly non-finite) read as zero rows
+    gram = jnp.where(present[:, None] & present[None, :], gram, 0.0)
+    progress = jnp.where(present, progress, 0.0)
+    weights = jnp.where(present, weights, 0.0)
+    d_sq = jnp.where(jnp.isfinite(d_sq), d_sq, 0.0)
   eps = jnp.finfo(dtype).eps
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
   largest = jnp.max(norms)
@@ -83,13 +90,20 @@ def _from_parts(gram: jax.Array, progress: jax.Array, d_sq: jax.Array, weights: 
   d_zero = d_norm <= eps * jnp.maximum(largest * jnp.sum(jnp.abs(weights)), jnp.finfo(dtype).tiny)
   d_inv = jnp.where(d_zero, 0.0, 1.0 / jnp.where(d_zero, 1.0, d_norm))
   cosines = jnp.clip(progress * inv * d_inv, -1.0, 1.0)
-  smallest = jnp.min(jnp.where(zero, 0.0, norms))
-  ratio = jnp.where(jnp.all(zero), 1.0,
+  upper = jnp.triu(jnp.ones((k, k), bool), 1)
+  pairs = max(k * (k - 1) // 2, 1)
+  if present is not None:  # over the present tasks only (the same when all are present)
+    zero = zero & present
+    upper = upper & present[:, None] & present[None, :]
+    n = jnp.sum(present)
+    pairs = jnp.maximum(n * (n - 1) // 2, 1)
+  smallest = jnp.min(jnp.where(zero, 0.0, norms if present is None else
+                               jnp.where(present, norms, jnp.inf)))
+  none_zero = jnp.all(zero) if present is None else ~jnp.any(present & ~zero)
+  ratio = jnp.where(none_zero, 1.0,
                     jnp.where(jnp.any(zero), jnp.inf,
                               largest / jnp.where(jnp.any(zero), 1.0, smallest)))
   pair_cos = jnp.clip(inv[:, None] * gram * inv[None, :], -1.0, 1.0)
-  upper = jnp.triu(jnp.ones((k, k), bool), 1)
-  pairs = max(k * (k - 1) // 2, 1)
   conflict_share = jnp.sum(upper & (pair_cos < -tol)) / pairs
   min_pair = jnp.min(jnp.where(upper, pair_cos, 1.0)) if k > 1 else jnp.ones([], dtype)
   total = jnp.sum(jnp.abs(weights))
@@ -106,7 +120,7 @@ def _from_parts(gram: jax.Array, progress: jax.Array, d_sq: jax.Array, weights: 
 
 def diagnostics_from_gram(gram: jax.Array, weights: jax.Array,
                           converged: jax.Array | bool | None = None, *,
-                          tol: float = TOL) -> Diagnostics:
+                          tol: float = TOL, present: jax.Array | None = None) -> Diagnostics:
   """The diagnostics of d = sum_i w_i g_i from the Gram matrix M = G G^T of the rows and w.
 
   Args:
@@ -128,14 +142,18 @@ def diagnostics_from_gram(gram: jax.Array, weights: jax.Array,
   """
   gram = jnp.asarray(gram)
   weights = jnp.asarray(weights, jnp.promote_types(gram.dtype, jnp.float32))
+  if present is not None:
+    gram = jnp.where(present[:, None] & present[None, :], gram, 0.0)
+    weights = jnp.where(present, weights, 0.0)
   progress = gram.astype(weights.dtype) @ weights
-  return _from_parts(gram, progress, weights @ progress, weights, converged, tol)
+  return _from_parts(gram, progress, weights @ progress, weights, converged, tol, present)
 
 
 def diagnostics_from_rows(rows: Tree, update: Tree, mask: Tree = None,
                           weights: jax.Array | None = None,
                           converged: jax.Array | bool | None = None, *,
-                          tol: float = TOL, axis_name: Any = None) -> Diagnostics:
+                          tol: float = TOL, axis_name: Any = None,
+                          present: jax.Array | None = None) -> Diagnostics:
   """The diagnostics of an update d from the stacked rows and d themselves (any method).
 
   Args:
@@ -174,6 +192,11 @@ def diagnostics_from_rows(rows: Tree, update: Tree, mask: Tree = None,
 
   progress = psum(sum(jax.tree.leaves(jax.tree.map(leaf_progress, rows, update))))
   d_sq = psum(sum(jnp.sum(jnp.square(d.astype(dtype))) for d in jax.tree.leaves(update)))
+  if present is not None:  # absent tasks' rows (possibly non-finite) read as zero rows
+    gram = jnp.where(present[:, None] & present[None, :], gram, 0.0)
+    progress = jnp.where(present, progress, 0.0)
+    if weights is not None:
+      weights = jnp.where(present, jnp.asarray(weights, dtype), 0.0)
   projected = lambda: jnp.linalg.pinv(gram, hermitian=True) @ progress  # noqa: E731
   if weights is not None:
     weights = jnp.asarray(weights, dtype)
@@ -182,7 +205,7 @@ def diagnostics_from_rows(rows: Tree, update: Tree, mask: Tree = None,
     weights = jax.lax.cond(consistent, lambda: weights, projected)
   else:
     weights = projected()
-  return _from_parts(gram, progress, jnp.asarray(d_sq, dtype), weights, converged, tol)
+  return _from_parts(gram, progress, jnp.asarray(d_sq, dtype), weights, converged, tol, present)
 
 
 # -- recording them in the state --
@@ -227,7 +250,7 @@ class _MemoGram:
 def memo_rows(rows: GramRows) -> tuple[GramRows, _MemoGram]:
   """`rows` with a Gram function that computes each mask's Gram matrix once (the true rows')."""
   memo = _MemoGram(rows._gram_fn)  # pylint: disable=protected-access
-  return GramRows(rows.coef, memo), memo
+  return GramRows(rows.coef, memo, rows.present), memo
 
 
 def reported_convergence(state: Any) -> jax.Array:
@@ -235,6 +258,17 @@ def reported_convergence(state: Any) -> jax.Array:
   flags = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
            if path and getattr(path[-1], "name", None) == "converged"]
   return jnp.all(jnp.array([jnp.all(f) for f in flags])) if flags else jnp.array(True)
+
+
+def _present(extra_args: dict, finite: jax.Array, num_tasks: int,
+             carried: jax.Array | None) -> jax.Array:
+  """The tasks the diagnostics run over: `present` (all if not given), with finite losses (if
+  given) and finite rows, and not left out by a loss balancer before (`carried`)."""
+  losses = extra_args.get("losses")
+  if losses is not None and jnp.shape(losses) != (num_tasks,):
+    losses = None  # the balancer reports the wrong shape
+  present = task_present(extra_args.get("present"), losses, num_tasks, "with_diagnostics")
+  return present & finite if carried is None else present & finite & carried
 
 
 def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
@@ -292,7 +326,9 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
         weights, mask = out.shared, out.mask
       else:  # loss balancers alone: the sum of the reweighted rows
         weights, mask = out.coef.T @ jnp.ones((out.num_tasks,), out.coef.dtype), None
-      diag = diagnostics_from_gram(memo(mask), weights, converged, tol=tol)
+      gram = memo(mask)
+      present = _present(extra_args, jnp.isfinite(jnp.diag(gram)), num_tasks, rows.present)
+      diag = diagnostics_from_gram(gram, weights, converged, tol=tol, present=present)
     else:
       out, inner_state = inner.update(updates, state.inner, params, **extra_args)
       if isinstance(out, StackedRows):
@@ -304,9 +340,12 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
       mask = tree_lib.rows_mask(shared, rows, params, "with_diagnostics")
       weights = weights_product(inner_state)
       weights = None if weights is None else jnp.broadcast_to(weights, (num_tasks,))
+      present = _present(extra_args, finite_rows(rows), num_tasks, carried_present(updates))
+      if extra_args.get("axis_name") is not None:
+        present = jax.lax.pmin(present.astype(jnp.int32), extra_args["axis_name"]) > 0
       diag = diagnostics_from_rows(jax.lax.stop_gradient(rows), jax.lax.stop_gradient(out),
                                    mask, weights, converged, tol=tol,
-                                   axis_name=extra_args.get("axis_name"))
+                                   axis_name=extra_args.get("axis_name"), present=present)
     diag = jax.tree.map(lambda new, old: new.astype(old.dtype), diag, state.diagnostics)
     fallbacks = state.fallbacks + jnp.where(diag.converged, 0, 1).astype(jnp.int32)
     return out, DiagnosticsState(inner_state, diag, fallbacks, state.steps + 1)

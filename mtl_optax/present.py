@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 Tree = Any
 
@@ -131,3 +132,21 @@ def keep_absent(old: Tree, new: Tree, present: jax.Array, *, per_task: bool = Tr
 
     return select() if large or n.size <= SMALL_LEAF else n
   return jax.tree.map(keep, old, new)
+
+
+def simplex_part(w: jax.Array, present: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`(w_p, mass)`: a state on the simplex restricted to the present tasks and renormalized
+  (uniform over them if they have no mass; 0 at the absent ones), and that mass. Balancers with
+  such a state (MoCo, MoDo, SDMGrad) step from w_p as the method without the absent tasks
+  would, and store mass * (its new w_p) there, so the absent tasks keep their entries and the
+  whole stays on the simplex."""
+  mass = jnp.sum(jnp.where(present, w, 0.0))
+  uniform = 1.0 / num_present(present).astype(w.dtype)
+  w_p = jnp.where(mass > 0, w / jnp.where(mass > 0, mass, 1.0), uniform)
+  return jnp.where(present, w_p, 0.0).astype(w.dtype), mass
+
+
+def project_present(x: jax.Array, present: jax.Array) -> jax.Array:
+  """The projection onto the simplex of the present entries of `x` (0 at the absent ones)."""
+  out = optax.projections.projection_simplex(jnp.where(present, x, -jnp.inf))
+  return jnp.where(present, out, 0.0).astype(x.dtype)

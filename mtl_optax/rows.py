@@ -49,16 +49,19 @@ class StackedRows(metaclass=_Hinted):
   """
   _hint = f"K stacked per-task rows, not one update: {_END_THE_CHAIN}"
 
-  def __init__(self, rows: Any):
+  def __init__(self, rows: Any, present: jax.Array | None = None):
     self.rows = rows
+    # (K,) bool of the tasks that took part in the loss balancer's step (None: not recorded):
+    # the rows of the others are 0, and the balancers after it leave those tasks out too.
+    self.present = present
 
   def tree_flatten(self):
-    return (self.rows,), None
+    return (self.rows, self.present), None
 
   @classmethod
   def tree_unflatten(cls, aux, children):
     del aux
-    return cls(children[0])
+    return cls(*children)
 
   def __repr__(self) -> str:
     return f"StackedRows({self.rows!r})"
@@ -67,6 +70,13 @@ class StackedRows(metaclass=_Hinted):
 def unstack(rows: Any) -> Any:
   """The plain stacked tree inside `StackedRows` (other rows unchanged)."""
   return rows.rows if isinstance(rows, StackedRows) else rows
+
+
+def carried_present(rows: Any) -> jax.Array | None:
+  """The `(K,)` bool of the tasks a loss balancer earlier in a chain let take part (`present`
+  of `StackedRows` or `GramRows`), or None: a task that sat out there has a zero row here,
+  which is not absent to most balancers, so the balancers after it leave it out too."""
+  return rows.present if isinstance(rows, (StackedRows, GramRows)) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +105,19 @@ class GramRows(metaclass=_Hinted):
            "value_and_reweighted_grad) the balancer alone and apply the optimizer to the "
            "gradient it returns")
 
-  def __init__(self, coef: jax.Array, gram_fn: GramFn):
+  def __init__(self, coef: jax.Array, gram_fn: GramFn, present: jax.Array | None = None):
     self.coef = coef
     self._gram_fn = gram_fn
+    self.present = present  # as `StackedRows.present`
 
   @property
   def num_tasks(self) -> int:
     return self.coef.shape[0]
 
-  def scale(self, weights: jax.Array) -> GramRows:
-    """Row i times `weights[i]`."""
-    return GramRows(weights.astype(self.coef.dtype)[:, None] * self.coef, self._gram_fn)
+  def scale(self, weights: jax.Array, present: jax.Array | None = None) -> GramRows:
+    """Row i times `weights[i]` (`present`: the tasks that took part, see `StackedRows`)."""
+    return GramRows(weights.astype(self.coef.dtype)[:, None] * self.coef, self._gram_fn,
+                    self.present if present is None else present)
 
   def gram(self, mask: Tree) -> jax.Array:
     """The K x K Gram matrix of the virtual rows over the leaves `mask` marks shared."""

@@ -128,7 +128,8 @@ def nonneg_qp(
 
 
 def min_norm_weights(
-    m: jax.Array, *, ridge: float | None = None, max_iter: int = 250, tol: float = 1e-7
+    m: jax.Array, *, ridge: float | None = None, max_iter: int = 250, tol: float = 1e-7,
+    present: jax.Array | None = None,
 ) -> jax.Array:
   """MGDA: argmin_{w in simplex} w^T M w, the min-norm point of the rows' convex hull.
 
@@ -142,16 +143,24 @@ def min_norm_weights(
   (anti)parallel rows past +-1 by more than the ridge. If some rows are zero (norm <=
   eps * the largest), the origin is in the hull: uniform weights over those rows. Uniform
   weights if the solve fails (never NaN).
+
+  `present` (`(K,)` bool, None: all): the hull of the present rows only; the others (whose
+  rows and columns of M must be 0) are decoupled (an identity block in the cosines, q_j = 0,
+  so the QP keeps z_j = 0) and get weight 0.
   """
   k = m.shape[0]
   ridge = k * _eps(m) if ridge is None else ridge
   norms, zero, inv, c = cosines(m)
   c = jnp.where(jnp.eye(k, dtype=bool), 1.0 + ridge, c)
-  q = jnp.min(jnp.where(zero, jnp.inf, norms)) * inv
+  uniform = 1.0 / k
+  if present is not None:
+    zero = zero & present
+    uniform = jnp.where(present, 1.0 / jnp.maximum(jnp.sum(present), 1).astype(m.dtype), 0.0)
+  q = jnp.min(jnp.where(zero if present is None else zero | ~present, jnp.inf, norms)) * inv
   z = inv * nonneg_qp(c, -q, max_iter=max_iter, tol=tol)
   total = jnp.sum(z)
   ok = jnp.isfinite(total) & (total > 0)
-  w = jnp.where(ok, z / jnp.where(ok, total, 1.0), 1.0 / k)
+  w = jnp.where(ok, z / jnp.where(ok, total, 1.0), uniform)
   any_zero = jnp.any(zero)
   return jnp.where(any_zero, zero / jnp.maximum(jnp.sum(zero), 1), w)
 
@@ -179,6 +188,7 @@ def simplex_minimize(
     max_iter: int = 500,
     tol: float = 1e-7,
     newton_iter: int = 12,
+    present: jax.Array | None = None,
 ) -> jax.Array:
   """argmin_{w in simplex} fun(w) for a smooth convex `fun` (CAGrad / IMGrad duals).
 
@@ -193,10 +203,18 @@ def simplex_minimize(
   norms spread over 1e-2..1e2 make it flat), but its gradient still pins w down, so the answer
   is the last Newton iterate whose Frank-Wolfe gap g.w - min_i g_i (zero only at the minimum) is
   within its rounding level of the smallest seen (FISTA's best included); at worst `w0`.
+
+  `present` (`(K,)` bool, None: all): the simplex of the present entries only (the others stay
+  0: projected from -inf, never added to the Newton face, left out of the gap's minimum); `w0`
+  must be 0 at the others.
   """
   value_and_grad = jax.value_and_grad(fun)
   grad_fn, hess_fn = jax.grad(fun), jax.hessian(fun)
-  project = optax.projections.projection_simplex
+  if present is None:
+    project, outside = optax.projections.projection_simplex, None
+  else:
+    project = lambda x: optax.projections.projection_simplex(jnp.where(present, x, -jnp.inf))
+    outside = ~present
   k = w0.shape[0]
   eps = _eps(w0)
 
@@ -243,7 +261,7 @@ def simplex_minimize(
 
   def gap(w):  # Frank-Wolfe gap g.w - min_i g_i >= 0, zero exactly at the minimum
     g = grad_fn(w)
-    r = g @ w - jnp.min(g)
+    r = g @ w - jnp.min(g if outside is None else jnp.where(outside, jnp.inf, g))
     return jnp.where(jnp.all(jnp.isfinite(w)) & jnp.isfinite(r), r, jnp.inf)
 
   def newton(carry):
@@ -269,7 +287,7 @@ def simplex_minimize(
     face = face & ~hit
     reduced = grad_fn(w_new) - lam
     level = k * eps * (jnp.abs(grad_fn(w_new)) + jnp.abs(lam))
-    free = jnp.where(face, jnp.inf, reduced + level)
+    free = jnp.where(face if outside is None else face | outside, jnp.inf, reduced + level)
     j = jnp.argmin(free)
     add = ~jnp.any(hit) & (free[j] < 0.0) & (jnp.arange(k) == j)
     r = gap(w_new)

@@ -405,23 +405,30 @@ def test_pcd_secondaries_of_rank_two_in_both_precisions():
 
 
 def test_pcd_non_finite_step_leaves_the_state():
-  """A NaN row gives NaN weights and keeps the moving average and count; the next step is
-  the one without the bad step."""
+  """A NaN row makes its task sit out the step (issue 24): weight 0, its moving average kept,
+  and the update is PCD of the other tasks from their state; nothing non-finite reaches the
+  state or the update (`apply_if_finite`, which checks its input, still skips the whole
+  step)."""
   tx = mtl_optax.pcd(3, beta=0.5)
   state, step = tx.init({"w": jnp.zeros(N)}), jax.jit(tx.update)
-  ref = PCDRef(3, beta=0.5)
   g = pcd_rows(3, 90)
   _, state = step({"w": jnp.asarray(g, jnp.float32)}, state)
-  ref.step(g)
   bad = pcd_rows(3, 91)
   bad[1, 0] = np.nan
   d, bad_state = step({"w": jnp.asarray(bad, jnp.float32)}, state)
-  assert not np.any(np.isfinite(d["w"]))
-  np.testing.assert_array_equal(bad_state.inner.sq_norms, state.inner.sq_norms)
-  assert int(bad_state.inner.count) == 1
+  assert np.all(np.isfinite(d["w"])) and bad_state.weights[1] == 0
+  np.testing.assert_array_equal(bad_state.inner.sq_norms[1], state.inner.sq_norms[1])
+  assert int(bad_state.inner.count) == 2
+  two = mtl_optax.pcd(2, beta=0.5)  # the primary (task 0) and task 2, from their state
+  inner = mtl_optax.PCDState(state.inner.sq_norms[jnp.array([0, 2])], state.inner.count)
+  want, want_state = jax.jit(two.update)({"w": jnp.asarray(bad[[0, 2]], jnp.float32)},
+                                         two.init({"w": jnp.zeros(N)})._replace(inner=inner))
+  close(d["w"], want["w"], bad[[0, 2]])
+  np.testing.assert_allclose(bad_state.inner.sq_norms[jnp.array([0, 2])],
+                             want_state.inner.sq_norms, rtol=1e-6)
   g = pcd_rows(3, 92)
-  d, _ = step({"w": jnp.asarray(g, jnp.float32)}, bad_state)
-  close(d["w"], ref.step(g)[0], g)
+  d, next_state = step({"w": jnp.asarray(g, jnp.float32)}, bad_state)
+  assert np.all(np.isfinite(d["w"])) and np.all(np.isfinite(next_state.inner.sq_norms))
   guarded = mtl_optax.apply_if_finite(tx, 3)  # skips the step: zero update, state as it was
   d, guarded_state = jax.jit(guarded.update)({"w": jnp.asarray(bad, jnp.float32)},
                                              guarded.init({"w": jnp.zeros(N)}))

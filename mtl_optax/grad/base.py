@@ -16,7 +16,7 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
 from mtl_optax.present import finite_rows, keep_absent, task_present, zero_absent
-from mtl_optax.rows import GramRows, RepresentationRows, unstack
+from mtl_optax.rows import GramRows, RepresentationRows, carried_present, unstack
 from mtl_optax.state import BalancerState
 
 # (shared_rows, state, losses, params[, axis_name=]) -> (aggregated shared tree, weights (K,)
@@ -40,6 +40,7 @@ def aggregator(
     needs_positive: bool = False,
     extra_args: tuple[str, ...] = (),
     handles_absent: bool = False,
+    _finite_shared: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a gradient balancer from `aggregate_fn`, which sees only the shared rows.
 
@@ -66,11 +67,13 @@ def aggregator(
     extra_args: names of extra keyword arguments of `update` passed on to `aggregate_fn`
       (None if absent).
     handles_absent: `aggregate_fn` takes the keyword `present` (the `(K,)` bool of the tasks
-      with finite losses and task-specific rows that take part; rows of the others may be
-      non-finite), gives the others weight 0, combines the present rows as if the others did
-      not exist and leaves their state as it was, selecting with `present` inside the
-      expressions that update its per-task buffers; the builder then guards only the state's
-      small leaves (`present.SMALL_LEAF`) against non-finite values.
+      with finite losses and rows that take part; rows of the others may be non-finite),
+      gives the others weight 0, combines the present rows as if the others did not exist and
+      leaves their state as it was, selecting with `present` inside the expressions that update
+      its per-task buffers; the builder then guards only the state's small leaves
+      (`present.SMALL_LEAF`) against non-finite values.
+    _finite_shared: (internal) with `handles_absent`, whether the builder checks the shared
+      rows' finiteness for `present` (`gram_aggregator` reads it off the Gram diagonal).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
@@ -96,6 +99,7 @@ def aggregator(
 
   def update(updates, state, params=None, *, losses=None, present=None, axis_name=None,
              **extra):
+    carried = carried_present(updates)
     updates = unstack(updates)
     if isinstance(updates, GramRows):
       raise ValueError(
@@ -104,15 +108,18 @@ def aggregator(
           "representation path.")
     k, losses, mask = check(updates, params, losses)
     present = task_present(present, losses, k, name, positive=needs_positive)
+    if carried is not None:  # tasks a loss balancer before it left out (their rows are 0)
+      present = present & carried
     shared_rows, specific_rows = tree_lib.split(updates, mask)
     present = present & _finite(specific_rows, k, axis_name)
     kwargs = {n: extra.get(n) for n in extra_args}
     if axis_name is not None:
       kwargs["axis_name"] = axis_name
+    if not handles_absent or _finite_shared:
+      present = present & _finite(shared_rows, k, axis_name)
     if handles_absent:
       kwargs["present"] = present
     else:
-      present = present & _finite(shared_rows, k, axis_name)
       shared_rows = zero_absent(shared_rows, present)
     if losses is not None:
       losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
@@ -302,13 +309,15 @@ def gram_aggregator(
 
   extra_args = ("sample_jacobians",) if cross_gram else ()
   on_rows = aggregator(name, num_tasks, init_fn, aggregate, extra_args=extra_args,
-                       handles_absent=True, **checks)
+                       handles_absent=True, _finite_shared=False, **checks)
 
   def update(updates, state, params=None, *, losses=None, present=None, **extra):
     if not isinstance(updates, GramRows):
       return on_rows.update(updates, state, params, losses=losses, present=present, **extra)
     k, losses, mask = check(updates, params, losses)
     present = task_present(present, losses, k, name, positive=needs_positive)
+    if updates.present is not None:  # tasks a loss balancer before it left out
+      present = present & updates.present
     if losses is not None:
       losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
     samples = extra.get("sample_jacobians") if cross_gram else None
@@ -382,9 +391,12 @@ def _reduce(name: str, scale: Callable[[int], float]) -> optax.GradientTransform
 
   def update(updates, state, params=None, *, present=None, **extra_args):
     del params, extra_args
+    carried = carried_present(updates)
     updates = unstack(updates)
     k = tree_lib.num_tasks(updates, name=name)
     present = task_present(present, None, k, name)
+    if carried is not None:  # tasks a loss balancer before it left out
+      present = present & carried
     weights = jnp.where(present, scale(k), 0.0)
     new_state = BalancerState(jnp.asarray(scale(k), state.weights.dtype), state.inner)
     if isinstance(updates, GramRows):

@@ -17,10 +17,19 @@ Rescale = Literal["none", "1+c^2", "1+c"]
 RESCALES: tuple[Rescale, ...] = ("none", "1+c^2", "1+c")
 
 
-def unit_gram(m: jax.Array) -> jax.Array:
+def unit_gram(m: jax.Array, n: jax.Array | int | None = None) -> jax.Array:
   """M divided by the mean squared row norm trace(M) / K (floored), so the reference code's
-  absolute epsilons (1e-8) act relative to the gradients' scale."""
-  return m / jnp.maximum(jnp.trace(m) / m.shape[0], 1e-30)
+  absolute epsilons (1e-8) act relative to the gradients' scale (K: `n` when given, the number
+  of present tasks)."""
+  return m / jnp.maximum(jnp.trace(m) / (m.shape[0] if n is None else n), 1e-30)
+
+
+def present_count(m: jax.Array, present: jax.Array | None) -> tuple[jax.Array, jax.Array | int]:
+  """`(present, n)`: the `(K,)` bool of the present tasks (all when None) and their number
+  (K, a Python int, when None; else a float of M's dtype, at least 1)."""
+  if present is None:
+    return jnp.ones(m.shape[:1], bool), m.shape[0]
+  return present, jnp.maximum(jnp.sum(present), 1).astype(m.dtype)
 
 
 def combined_norm(w: jax.Array, m: jax.Array) -> jax.Array:
@@ -37,17 +46,19 @@ def resolved_sq_norm(w: jax.Array, m: jax.Array) -> jax.Array:
 
 def ball_weights(
     m: jax.Array, w: jax.Array, radius: jax.Array, c: float, rescale: Rescale,
-    scale_by_num_tasks: bool
+    scale_by_num_tasks: bool, present: jax.Array | None = None
 ) -> jax.Array:
   """Weights of d = g0 + radius / (||g_w|| + 1e-8) g_w, rescaled (Liu et al. 2021a, Eq. 9).
 
   rescale 'none': d; '1+c^2': d / (1 + c^2); '1+c': d / (1 + c); then times K if
   `scale_by_num_tasks`. A g_w that is 0 to rounding (`resolved_sq_norm`) adds nothing, as
   g_w = 0 does: its weights radius / 1e-8 w would multiply the rounding of the rows' sum.
+  With `present`, g0 and K are those of the present tasks.
   """
-  k = m.shape[0]
+  present, k = present_count(m, present)
   gw_sq = resolved_sq_norm(w, m)
-  d = 1.0 / k + jnp.where(gw_sq > 0, radius / (jnp.sqrt(gw_sq) + 1e-8), 0.0) * w
+  d = jnp.where(present, 1.0 / k, 0.0) + jnp.where(
+      gw_sq > 0, radius / (jnp.sqrt(gw_sq) + 1e-8), 0.0) * w
   d = d / {"none": 1.0, "1+c^2": 1.0 + c**2, "1+c": 1.0 + c}[rescale]
   return d * k if scale_by_num_tasks else d
 
@@ -60,6 +71,7 @@ def cagrad_weights(
     scale_by_num_tasks: bool = True,
     max_iter: int = 500,
     tol: float = 1e-7,
+    present: jax.Array | None = None,
 ) -> jax.Array:
   """CAGrad's weights: d = g0 + c ||g0|| g_w / ||g_w|| with w = argmin_{simplex}
   g_w . g0 + c ||g0|| ||g_w|| (Liu et al. 2021a, Eq. 9), as weights on the rows.
@@ -71,6 +83,9 @@ def cagrad_weights(
     scale_by_num_tasks: multiply the weights by K (the authors' code).
     max_iter: step cap of the simplex solver (`solvers.simplex_minimize`).
     tol: its tolerance on the change of w.
+    present: `(K,)` bool of the tasks that take part (None: all); M must be 0 on the others'
+      rows and columns. The weights are those of the present rows alone (0 elsewhere): the
+      simplex, g0 and K are the present tasks'.
 
   Returns:
     `(K,)` weights of d = sum_i w_i g_i.
@@ -85,14 +100,28 @@ def cagrad_weights(
     >>> print(np.asarray(jax.jit(mtl_optax.cagrad_weights)(gram)).round(3))
     [1.573 0.862]
   """
+  if present is not None:  # the usual step (every task present) as without `present`
+    full = lambda g: cagrad_weights(g, c, rescale=rescale, scale_by_num_tasks=scale_by_num_tasks,
+                                    max_iter=max_iter, tol=tol)
+    some = lambda g: _cagrad_weights(g, c, rescale, scale_by_num_tasks, max_iter, tol, present)
+    return jax.lax.cond(jnp.all(present), full, some, gram)
+  return _cagrad_weights(gram, c, rescale, scale_by_num_tasks, max_iter, tol, None)
+
+
+def _cagrad_weights(gram, c, rescale, scale_by_num_tasks, max_iter, tol, present):
   k = gram.shape[0]
-  m = unit_gram(gram)
-  radius = c * jnp.sqrt(jnp.maximum(jnp.mean(m), 0.0) + 1e-8) + 1e-8
-  mean_row = jnp.mean(m, axis=1)
+  if present is None:
+    m = unit_gram(gram)
+    mean, mean_row, w0 = jnp.mean(m), jnp.mean(m, axis=1), jnp.full((k,), 1.0 / k, m.dtype)
+  else:
+    present, n = present_count(gram, present)
+    m = unit_gram(gram, n)
+    mean, mean_row = jnp.sum(m) / (n * n), jnp.sum(m, axis=1) / n
+    w0 = jnp.where(present, 1.0 / n, 0.0).astype(m.dtype)
+  radius = c * jnp.sqrt(jnp.maximum(mean, 0.0) + 1e-8) + 1e-8
   objective = lambda w: w @ mean_row + radius * combined_norm(w, m)
-  w = solvers.simplex_minimize(objective, jnp.full((k,), 1.0 / k, m.dtype),
-                               max_iter=max_iter, tol=tol)
-  return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks)
+  w = solvers.simplex_minimize(objective, w0, max_iter=max_iter, tol=tol, present=present)
+  return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks, present)
 
 
 def cagrad(
@@ -146,11 +175,11 @@ def cagrad(
   """
   check_choice(rescale, RESCALES, "cagrad: rescale")
 
-  def weights(m, state, losses):
+  def weights(m, state, losses, present):
     del losses
     w = cagrad_weights(m, c, rescale=rescale, scale_by_num_tasks=scale_by_num_tasks,
-                       max_iter=max_iter, tol=tol)
+                       max_iter=max_iter, tol=tol, present=present)
     return w, None, state
 
   return gram_aggregator("cagrad", num_tasks, lambda params: optax.EmptyState(), weights,
-                         shared=shared)
+                         shared=shared, handles_absent=True)

@@ -3,6 +3,7 @@ NeurIPS 2022)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,7 +24,8 @@ class CRMOGMState(NamedTuple):
 
 
 def cr_mogm_weights(gram: jax.Array, state: CRMOGMState, weighting: Weighting,
-                    beta: float) -> tuple[jax.Array, CRMOGMState]:
+                    beta: float, present: jax.Array | None = None
+                    ) -> tuple[jax.Array, CRMOGMState]:
   """lambda_k = beta lambda_{k-1} + (1 - beta) lambda-hat_k, lambda-hat_k = weighting(M),
   with lambda_0 = lambda-hat_1 (Zhou et al. 2022: CR-MOGM's composite weights, averaged
   exponentially over the steps).
@@ -33,6 +35,9 @@ def cr_mogm_weights(gram: jax.Array, state: CRMOGMState, weighting: Weighting,
     state: the moving average lambda_{k-1} and the step count (0: no step yet).
     weighting: `M -> (K,)` weights, e.g. `mtl_optax.mgda_weights`.
     beta: the weight of the previous average, in [0, 1] (0: `weighting` alone).
+    present: `(K,)` bool of the tasks that take part (None: all; M is 0 on the others' rows
+      and columns): `weighting` gets it as `present=` where it takes that keyword (as
+      `mgda_weights` does), and the others' averages keep their values.
 
   Returns:
     `(w, state)`: the `(K,)` weights lambda_k of d = sum_i lambda_k,i g_i, and the new state.
@@ -50,13 +55,27 @@ def cr_mogm_weights(gram: jax.Array, state: CRMOGMState, weighting: Weighting,
     >>> print(np.asarray(w).round(3))  # 0.9 (0.5, 0.5) + 0.1 (0.76, 0.24)
     [0.526 0.474]
   """
-  fresh = jnp.asarray(weighting(gram))
+  if present is not None and _takes_present(weighting):
+    fresh = jnp.asarray(weighting(gram, present=present))
+  else:
+    fresh = jnp.asarray(weighting(gram))
   if fresh.shape != (gram.shape[0],):
     raise ValueError(f"cr_mogm: the weighting returned shape {fresh.shape}, expected "
                      f"({gram.shape[0]},) weights.")
   previous = jnp.where(state.count > 0, state.weights, fresh)
   w = (beta * previous + (1.0 - beta) * fresh).astype(state.weights.dtype)
+  if present is not None:
+    w = jnp.where(present, w, state.weights)
   return w, CRMOGMState(w, state.count + 1)
+
+
+def _takes_present(weighting: Weighting) -> bool:
+  """Whether `weighting` takes the keyword `present`."""
+  try:
+    params = inspect.signature(weighting).parameters
+  except (TypeError, ValueError):
+    return False
+  return "present" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def cr_mogm(num_tasks: int, weighting: Weighting, *, beta: float = 0.9,
@@ -109,9 +128,10 @@ def cr_mogm(num_tasks: int, weighting: Weighting, *, beta: float = 0.9,
     return CRMOGMState(jnp.zeros((num_tasks,), tree_lib.weight_dtype(params)),
                        jnp.zeros((), jnp.int32))
 
-  def weights(gram, state, losses):
+  def weights(gram, state, losses, present):
     del losses
-    w, state = cr_mogm_weights(gram, state, weighting, beta)
+    w, state = cr_mogm_weights(gram, state, weighting, beta, present)
     return w, None, state
 
-  return gram_aggregator("cr_mogm", num_tasks, init, weights, shared=shared)
+  return gram_aggregator("cr_mogm", num_tasks, init, weights, shared=shared,
+                         handles_absent=True)

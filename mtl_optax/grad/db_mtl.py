@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import aggregator, check_buffers, shared_zeros
+from mtl_optax.grad.base import _zero_absent, aggregator, check_buffers, shared_zeros
+from mtl_optax.present import keep_absent
 from mtl_optax.checks import check_positive_int
 from mtl_optax.loss.scale import log_losses
 
@@ -69,15 +70,20 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
     return DBMTLState(jnp.zeros([], jnp.int32),
                       shared_zeros(params, num_tasks, shared, "db_mtl"))
 
-  def aggregate(rows, state, losses, params, axis_name=None):
+  def aggregate(rows, state, losses, params, present, axis_name=None):
     del losses, params
     check_buffers("db_mtl", state.grads, rows)
+    rows = _zero_absent(rows, present)
     beta_k = beta / (state.count + 1).astype(jnp.float32)**beta_sigma
     grads = optax.tree.cast_like(optax.tree.update_moment(rows, state.grads, beta_k, 1),
                                  state.grads)
+    grads = keep_absent(state.grads, grads, present)  # absent tasks' EMAs as they were
     norms = tree_lib.row_norms(grads, axis_name=axis_name)
-    weights = norms.max() / (norms + _EPS)
+    # The largest present norm, and absent tasks' EMAs left out of d (the identity when every
+    # task is present).
+    weights = jnp.where(present, jnp.max(jnp.where(present, norms, 0.0)) / (norms + _EPS), 0.0)
     return tree_lib.combine(weights, grads), weights, None, DBMTLState(state.count + 1, grads)
 
-  balancer = aggregator("db_mtl", num_tasks, init, aggregate, shared=shared)
+  balancer = aggregator("db_mtl", num_tasks, init, aggregate, shared=shared,
+                        handles_absent=True)
   return optax.chain(log_losses(num_tasks, eps), balancer) if log_transform else balancer

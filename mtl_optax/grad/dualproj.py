@@ -27,7 +27,7 @@ def preference(pref_vector: np.typing.ArrayLike | None, num_tasks: int, default:
 
 def dualproj_weights(gram: jax.Array, u: jax.Array | None = None, *, norm_eps: float = 0.0,
                      reg_eps: float = 1e-4, max_iter: int = 100,
-                     tol: float = 1e-7) -> jax.Array:
+                     tol: float = 1e-7, present: jax.Array | None = None) -> jax.Array:
   """DualProj's weights: w = argmin_{v >= u} v^T M v (Quinton & Rey 2024, Prop. 1; GEM,
   Lopez-Paz & Ranzato 2017, Eq. 11), on M / trace(M) + reg_eps I as torchjd.
 
@@ -38,6 +38,9 @@ def dualproj_weights(gram: jax.Array, u: jax.Array | None = None, *, norm_eps: f
     reg_eps: the ridge added to M / trace(M); must be > 0.
     max_iter: step cap of the active-set QP solver (`solvers.dual_cone_weights`).
     tol: its relative tolerance.
+    present: `(K,)` bool of the tasks that take part (None: all); M must be 0 on the others'
+      rows and columns, so the ridge decouples them: u is 0 there (the default mean runs over
+      the present tasks) and so are their weights.
 
   Returns:
     `(K,)` weights w of d = sum_i w_i g_i.
@@ -54,7 +57,13 @@ def dualproj_weights(gram: jax.Array, u: jax.Array | None = None, *, norm_eps: f
     [0.999 0.5  ]
   """
   k = gram.shape[0]
-  u = jnp.full((k,), 1.0 / k, gram.dtype) if u is None else jnp.asarray(u, gram.dtype)
+  if present is None:
+    u = jnp.full((k,), 1.0 / k, gram.dtype) if u is None else jnp.asarray(u, gram.dtype)
+  elif u is None:  # the mean of the present rows (1/K when every task is present)
+    u = jnp.where(jnp.all(present), jnp.full((k,), 1.0 / k, gram.dtype), jnp.where(
+        present, 1.0 / jnp.maximum(jnp.sum(present), 1).astype(gram.dtype), 0.0))
+  else:
+    u = jnp.where(present, jnp.asarray(u, gram.dtype), 0.0)
   trace = jnp.trace(gram)
   m = jnp.where(trace > norm_eps, gram / jnp.where(trace > 0, trace, 1.0), 0.0)
   m = m + reg_eps * jnp.eye(k, dtype=m.dtype)
@@ -112,14 +121,16 @@ def dualproj(
     [-0.001  0.5  ]
   """
   check_positive_int(num_tasks, "dualproj: num_tasks")
-  u = preference(pref_vector, num_tasks, 1.0 / num_tasks, "dualproj: pref_vector")
+  u = None if pref_vector is None else preference(pref_vector, num_tasks, 1.0 / num_tasks,
+                                                  "dualproj: pref_vector")
   check_in_range(reg_eps, 0.0, float("inf"), "dualproj: reg_eps", open_low=True)
   check_in_range(norm_eps, 0.0, float("inf"), "dualproj: norm_eps")
 
-  def weights(m, state, losses):
+  def weights(m, state, losses, present):
     del losses
-    w = dualproj_weights(m, u, norm_eps=norm_eps, reg_eps=reg_eps, max_iter=max_iter, tol=tol)
+    w = dualproj_weights(m, u, norm_eps=norm_eps, reg_eps=reg_eps, max_iter=max_iter, tol=tol,
+                         present=present)
     return w, None, state
 
   return gram_aggregator("dualproj", num_tasks, lambda params: optax.EmptyState(), weights,
-                         shared=shared)
+                         shared=shared, handles_absent=True)

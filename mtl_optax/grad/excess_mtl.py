@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import aggregator, check_buffers, shared_zeros
+from mtl_optax.grad.base import _zero_absent, aggregator, check_buffers, shared_zeros
+from mtl_optax.present import keep_absent, num_present, softmax_present
 
 
 class ExcessMTLState(NamedTuple):
@@ -79,9 +80,10 @@ def excess_mtl(
     return ExcessMTLState(jnp.zeros([], jnp.int32), sums, jnp.zeros((num_tasks,), dtype),
                           jnp.zeros((num_tasks,), dtype))
 
-  def aggregate(rows, state, losses, params, axis_name=None):
+  def aggregate(rows, state, losses, params, present, axis_name=None):
     del losses, params
     check_buffers("excess_mtl", state.grad_sq_sum, rows)
+    rows = _zero_absent(rows, present)
     sums = jax.tree.map(lambda s, r: s + jnp.square(r.astype(s.dtype)), state.grad_sq_sum, rows)
     per_leaf = jax.tree.map(
         lambda s, r: jnp.sum(jnp.square(r.astype(s.dtype)) / jnp.sqrt(s + eps),
@@ -91,14 +93,25 @@ def excess_mtl(
     if axis_name is not None:  # rows split over devices (shard_map): the whole rows' risk
       risk = jax.lax.psum(risk, axis_name)
     first = state.count == 0
-    first_risk = jnp.where(first, risk, state.first_risk)
+    # A task's first risk is that of its first present step (0 until then).
+    first_risk = jnp.where(present & (first | ~(state.first_risk > 0)), risk, state.first_risk)
     positive = first_risk > 0
     ratio = jnp.where(positive, risk / jnp.where(positive, first_risk, 1.0), 0.0)
     ratio = jnp.minimum(ratio, jnp.finfo(dtype).max)
+    every = jnp.all(present)
+    moved = state.log_weights + robust_step_size * ratio
+    # With absent tasks: the exponentiated-gradient step over the present tasks, which keep
+    # their total mass (logsumexp); the others keep their log-weights.
+    some = jnp.where(present, jax.nn.logsumexp(state.log_weights, where=present)
+                     + jax.nn.log_softmax(moved, where=present), state.log_weights)
     log_weights = jnp.where(first, state.log_weights,
-                            jax.nn.log_softmax(state.log_weights + robust_step_size * ratio))
-    weights = num_tasks * jax.nn.softmax(log_weights)
+                            jnp.where(every, jax.nn.log_softmax(moved), some))
+    weights = jnp.where(every, num_tasks * jax.nn.softmax(log_weights),
+                        num_present(present) * softmax_present(log_weights, present))
     new_state = ExcessMTLState(state.count + 1, sums, first_risk, log_weights.astype(dtype))
+    sums = keep_absent(state.grad_sq_sum, sums, present)
+    new_state = new_state._replace(grad_sq_sum=sums)
     return tree_lib.combine(weights, rows), weights, weights, new_state
 
-  return aggregator("excess_mtl", num_tasks, init, aggregate, shared=shared)
+  return aggregator("excess_mtl", num_tasks, init, aggregate, shared=shared,
+                    handles_absent=True)

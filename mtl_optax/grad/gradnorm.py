@@ -10,6 +10,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
+from mtl_optax.present import keep_absent
 from mtl_optax.checks import check_positive_int
 
 _MIN_WEIGHT = 1e-8  # weights are floored here before renormalizing, so they stay positive
@@ -43,7 +44,9 @@ def gradnorm(num_tasks: int, alpha: float = 1.5,
 
   Chen et al. 2018, Alg. 1: d = sum_i w_i g_i with the current w (task-specific leaves get the
   same weighted sum, as the loss sum_i w_i L_i gives them); then one Adam step on w along
-  dL_grad/dw, and w renormalized to sum to K. L_i(0) is the first step's loss. The norms are
+  dL_grad/dw, and w renormalized to sum to K. L_i(0) is the first step's loss (of a task that
+  sits out the first steps: its first present step's; on a step with absent tasks the present
+  ones' weights keep their sum and the others' are left as they were). The norms are
   over all shared parameters (the diagonal of the Gram matrix), not only the last shared layer
   the paper uses: pass a `shared` mask holding that layer to follow the paper (then the other
   shared leaves count as task-specific and also get the weighted sum). Needs positive losses.
@@ -77,17 +80,39 @@ def gradnorm(num_tasks: int, alpha: float = 1.5,
 
   def init(params):
     weights = jnp.ones((num_tasks,), tree_lib.weight_dtype(params))
-    return GradNormState(weights, jnp.ones((num_tasks,), weights.dtype),
+    # L_i(0) is 0 until task i's first present step records it (losses are positive).
+    return GradNormState(weights, jnp.zeros((num_tasks,), weights.dtype),
                          jnp.zeros([], jnp.int32), optimizer.init(weights))
 
-  def update_weights(gram, state, losses):
-    initial = jnp.where(state.count == 0, losses, state.initial_losses)
+  def update_weights(gram, state, losses, present):
+    every = jnp.all(present)
+    first = (state.count == 0) | ~(state.initial_losses > 0)
+    initial = jnp.where(first & present, losses, state.initial_losses)
     w = state.loss_weights
-    grad = gradnorm_grad(w, jnp.diag(gram), losses / initial, alpha)
+    sq_norms = jnp.diag(gram)
+    grad = jnp.where(every, gradnorm_grad(w, sq_norms, losses / initial, alpha),
+                     _present_grad(w, sq_norms, losses, initial, alpha, present))
     step, opt_state = optimizer.update(grad, state.opt_state, w)
     new = jnp.maximum(optax.apply_updates(w, step), _MIN_WEIGHT)
-    new = num_tasks * new / new.sum()
+    # Renormalized to sum to K; on a step with absent tasks the present ones keep their sum
+    # and the others their weights (and Adam moments).
+    mass = jnp.sum(jnp.where(present, w, 0.0))
+    some = jnp.where(present, mass * new / jnp.sum(jnp.where(present, new, 0.0)), w)
+    new = jnp.where(every, num_tasks * new / new.sum(), some)
+    opt_state = keep_absent(state.opt_state, opt_state, present)
     return w, w, GradNormState(new, initial, state.count + 1, opt_state)
 
   return gram_aggregator("gradnorm", num_tasks, init, update_weights, shared=shared,
-                         needs_losses=True, needs_positive=True)
+                         needs_losses=True, needs_positive=True, handles_absent=True)
+
+
+def _present_grad(weights: jax.Array, sq_norms: jax.Array, losses: jax.Array,
+                  initial: jax.Array, alpha: float, present: jax.Array) -> jax.Array:
+  """`gradnorm_grad` of the present tasks alone (means over them), 0 at the others."""
+  n = jnp.maximum(jnp.sum(present), 1).astype(weights.dtype)
+  ratios = jnp.where(present, losses / jnp.where(initial > 0, initial, 1.0), 1.0)
+  norms = jnp.sqrt(jnp.maximum(sq_norms, 0.0))
+  grad_norms = weights * norms
+  rates = ratios / (jnp.sum(jnp.where(present, ratios, 0.0)) / n)
+  target = jnp.sum(jnp.where(present, grad_norms, 0.0)) / n * rates**alpha
+  return jnp.where(present, jnp.sign(grad_norms - target) * norms, 0.0)

@@ -115,10 +115,14 @@ def gradvac(num_tasks: int, beta: float = 0.5, *, key: jax.Array | int,
     return GradVacState(as_key(key),
                         jnp.zeros((num_tasks, num_tasks), tree_lib.weight_dtype(params)))
 
-  def weights(gram, state, losses):
+  def weights(gram, state, losses, present):
     del losses
     key, sub = jax.random.split(state.key)
     w, target = gradvac_weights(gram, state.target, task_orders(sub, num_tasks), beta)
+    # Absent tasks' rows are 0: nothing moves toward them (their w is dropped) and the targets
+    # of the pairs with an absent task keep their values.
+    target = jnp.where(present[:, None] & present[None, :], target, state.target)
     return w, None, GradVacState(key, target)
 
-  return gram_aggregator("gradvac", num_tasks, init, weights, shared=shared)
+  return gram_aggregator("gradvac", num_tasks, init, weights, shared=shared,
+                         handles_absent=True)

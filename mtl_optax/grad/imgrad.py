@@ -11,25 +11,39 @@ from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
 from mtl_optax.checks import check_choice
 from mtl_optax.grad.cagrad import (RESCALES, Rescale, ball_weights, combined_norm,
-                                    resolved_sq_norm, unit_gram)
+                                    present_count, resolved_sq_norm, unit_gram)
 from mtl_optax.grad.nash_mtl import nash_aggregator
 
 FORMS = ("reference", "paper_eq11", "paper_eq9")
 
 
-def imbalance_cos(m: jax.Array) -> jax.Array:
+def imbalance_cos(m: jax.Array, present: jax.Array | None = None) -> jax.Array:
   """cos(g0, g_m) in [0, 1] from the Gram matrix: g0 the mean row, g_m the MGDA min-norm point.
 
   Zhou et al. 2025 (IMGrad, Sec. 3): the imbalance measure that weights the two objectives.
   g0 . g_m >= ||g_m||^2 >= 0, so it is never negative; 0 when g_m = 0 (or all rows are zero),
   also when ||g_m||^2 is at its rounding level (`resolved_sq_norm`), where the ratio would be
   rounding over rounding (any value: IMGrad's weights then reached 1e7); clipped to [0, 1].
+  With `present` (`(K,)` bool; M 0 on the others' rows and columns), that of the present rows.
   """
-  m = unit_gram(m)
-  w_m = solvers.min_norm_weights(m)
+  if present is not None:  # the usual step (every task present) as without `present`
+    return jax.lax.cond(jnp.all(present), imbalance_cos,
+                        lambda g: _imbalance_cos(g, present), m)
+  return _imbalance_cos(m, None)
+
+
+def _imbalance_cos(m, present):
+  if present is None:
+    m = unit_gram(m)
+    mean, mean_row = jnp.mean(m), jnp.mean(m, axis=1)
+  else:
+    present, n = present_count(m, present)
+    m = unit_gram(m, n)
+    mean, mean_row = jnp.sum(m) / (n * n), jnp.sum(m, axis=1) / n
+  w_m = solvers.min_norm_weights(m, present=present)
   gm_norm = jnp.sqrt(resolved_sq_norm(w_m, m))
-  g0_norm = jnp.sqrt(jnp.maximum(jnp.mean(m), 0.0))
-  cos = (w_m @ jnp.mean(m, axis=1)) / jnp.maximum(g0_norm * gm_norm, 1e-8)
+  g0_norm = jnp.sqrt(jnp.maximum(mean, 0.0))
+  cos = (w_m @ mean_row) / jnp.maximum(g0_norm * gm_norm, 1e-8)
   return jnp.where(gm_norm > 0, jnp.clip(cos, 0.0, 1.0), 0.0)
 
 
@@ -42,6 +56,7 @@ def imgrad_weights(
     scale_by_num_tasks: bool = True,
     max_iter: int = 500,
     tol: float = 1e-7,
+    present: jax.Array | None = None,
 ) -> jax.Array:
   """IMGrad's weights (Zhou et al. 2025, Eqs. 9 and 11, and the reference code's form; see
   `imgrad`): CAGrad's ball step with the dual objective weighted by cos(g0, g_m).
@@ -68,11 +83,29 @@ def imgrad_weights(
     >>> print(np.asarray(jax.jit(mtl_optax.imgrad_weights)(gram)).round(3))
     [1.615 0.61 ]
   """
+  if present is not None:  # the usual step (every task present) as without `present`
+    kwargs = dict(form=form, rescale=rescale, scale_by_num_tasks=scale_by_num_tasks,
+                  max_iter=max_iter, tol=tol)
+    return jax.lax.cond(jnp.all(present), lambda g: imgrad_weights(g, c, **kwargs),
+                        lambda g: _imgrad_weights(g, c, present=present, **kwargs), gram)
+  return _imgrad_weights(gram, c, form=form, rescale=rescale,
+                         scale_by_num_tasks=scale_by_num_tasks, max_iter=max_iter, tol=tol,
+                         present=None)
+
+
+def _imgrad_weights(gram, c, *, form, rescale, scale_by_num_tasks, max_iter, tol, present):
   k = gram.shape[0]
-  m = unit_gram(gram)
-  mean_row = jnp.mean(m, axis=1)
-  g0_sq = jnp.mean(m)
-  cos = imbalance_cos(m)
+  if present is None:
+    m = unit_gram(gram)
+    mean_row, g0_sq = jnp.mean(m, axis=1), jnp.mean(m)
+    cos = imbalance_cos(m)
+    w0 = jnp.full((k,), 1.0 / k, m.dtype)
+  else:
+    present, n = present_count(gram, present)
+    m = unit_gram(gram, n)
+    mean_row, g0_sq = jnp.sum(m, axis=1) / n, jnp.sum(m) / (n * n)
+    cos = _imbalance_cos(m, present)
+    w0 = jnp.where(present, 1.0 / n, 0.0).astype(m.dtype)
   radius = c * jnp.sqrt(jnp.maximum(g0_sq, 0.0) + 1e-8) + 1e-8
   objectives = {
       "reference": lambda w: ((1.5 - cos) * (w @ mean_row)
@@ -81,9 +114,9 @@ def imgrad_weights(
       "paper_eq9": lambda w: ((1.0 - cos) * (w @ mean_row + radius * combined_norm(w, m))
                               + cos * (w @ m @ w)),
   }
-  w = solvers.simplex_minimize(objectives[form], jnp.full((k,), 1.0 / k, m.dtype),
-                               max_iter=max_iter, tol=tol)
-  return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks)
+  w = solvers.simplex_minimize(objectives[form], w0, max_iter=max_iter, tol=tol,
+                               present=present)
+  return ball_weights(m, w, radius, c, rescale, scale_by_num_tasks, present)
 
 
 def imgrad(
@@ -143,18 +176,19 @@ def imgrad(
   check_choice(form, FORMS, "imgrad: form")
   check_choice(rescale, RESCALES, "imgrad: rescale")
 
-  def weights(m, state, losses):
+  def weights(m, state, losses, present):
     del losses
     w = imgrad_weights(m, c, form=form, rescale=rescale, scale_by_num_tasks=scale_by_num_tasks,
-                       max_iter=max_iter, tol=tol)
+                       max_iter=max_iter, tol=tol, present=present)
     return w, None, state
 
   return gram_aggregator("imgrad", num_tasks, lambda params: optax.EmptyState(), weights,
-                         shared=shared)
+                         shared=shared, handles_absent=True)
 
 
 def imgrad_nash_weights(gram: jax.Array, prev: jax.Array, *, optim_niter: int = 20,
-                        tol: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+                        tol: float = 1e-5, present: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
   """IMGrad-Nash's alpha (Zhou et al. 2025, Eq. 13; see `imgrad_nash`) from the previous alpha,
   and per task whether it was found.
 
@@ -163,6 +197,8 @@ def imgrad_nash_weights(gram: jax.Array, prev: jax.Array, *, optim_niter: int = 
     prev: `(K,)` the previous alpha, where the CCP starts (if a > 0 and M a > 0).
     optim_niter: cap on the CCP steps.
     tol: stop when an iterate moves by less than this (relative max norm).
+    present: `(K,)` bool of the tasks that take part (None: all; M 0 on the others' rows and
+      columns, which the CCP decouples): cos is that of the present rows.
 
   Returns:
     `(alpha, ok)`: `(K,)` weights of d = sum_i alpha_i g_i, and `(K,)` bools, true where
@@ -179,8 +215,8 @@ def imgrad_nash_weights(gram: jax.Array, prev: jax.Array, *, optim_niter: int = 
     >>> print(np.asarray(alpha).round(3), ok)
     [1.149 0.557] [ True  True]
   """
-  return solvers.imbalance_nash_weights(gram, imbalance_cos(gram), prev, max_iter=optim_niter,
-                                        tol=tol)
+  return solvers.imbalance_nash_weights(gram, imbalance_cos(gram, present), prev,
+                                        max_iter=optim_niter, tol=tol)
 
 
 def imgrad_nash(
@@ -231,8 +267,8 @@ def imgrad_nash(
     >>> print(np.asarray(d["w"]).round(3))
     [0.615 0.788]
   """
-  def solve(m, prev):
-    return imgrad_nash_weights(m, prev, optim_niter=optim_niter, tol=tol)
+  def solve(m, prev, present):
+    return imgrad_nash_weights(m, prev, optim_niter=optim_niter, tol=tol, present=present)
   return nash_aggregator("imgrad_nash", num_tasks, solve,
                          update_weights_every=update_weights_every, optim_niter=optim_niter,
                          max_norm=max_norm, shared=shared)

@@ -41,6 +41,7 @@ def mgda_weights(
     scale_by_num_tasks: bool = False,
     max_iter: int = 250,
     tol: float = 1e-7,
+    present: jax.Array | None = None,
 ) -> jax.Array:
   """MGDA's weights: w = argmin_{w in simplex} ||sum_i w_i g_i / n_i||^2 (Sener & Koltun 2018,
   Eq. 3), divided by n with `apply_to='normalized'`, times K with `scale_by_num_tasks`.
@@ -53,6 +54,9 @@ def mgda_weights(
     scale_by_num_tasks: multiply the weights by K.
     max_iter: step cap of the active-set solver (`solvers.min_norm_weights`).
     tol: its relative tolerance.
+    present: `(K,)` bool of the tasks that take part (None: all); M must be 0 on the others'
+      rows and columns. The weights are those of the present rows alone (0 elsewhere, and K
+      is their number).
 
   Returns:
     `(K,)` weights w of d = sum_i w_i g_i.
@@ -68,10 +72,13 @@ def mgda_weights(
     [0.76 0.24]
   """
   n = row_normalizers(gram, losses, normalization)
-  w = solvers.min_norm_weights(gram / (n[:, None] * n[None, :]), max_iter=max_iter, tol=tol)
+  w = solvers.min_norm_weights(gram / (n[:, None] * n[None, :]), max_iter=max_iter, tol=tol,
+                              present=present)
   if apply_to == "normalized":
     w = w / n
-  return w * gram.shape[0] if scale_by_num_tasks else w
+  if not scale_by_num_tasks:
+    return w
+  return w * (gram.shape[0] if present is None else jnp.sum(present).astype(w.dtype))
 
 
 def mgda(
@@ -131,10 +138,12 @@ def mgda(
   check_choice(apply_to, APPLY_TO, "mgda: apply_to")
   uses_losses = normalization in ("loss", "loss+")
 
-  def weights(m, state, losses):
+  def weights(m, state, losses, present):
     w = mgda_weights(m, losses, normalization=normalization, apply_to=apply_to,
-                     scale_by_num_tasks=scale_by_num_tasks, max_iter=max_iter, tol=tol)
+                     scale_by_num_tasks=scale_by_num_tasks, max_iter=max_iter, tol=tol,
+                     present=present)
     return w, None, state
 
   return gram_aggregator("mgda", num_tasks, lambda params: optax.EmptyState(), weights,
-                         shared=shared, needs_losses=uses_losses, needs_positive=uses_losses)
+                         shared=shared, needs_losses=uses_losses, needs_positive=uses_losses,
+                         handles_absent=True)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import aggregator, check_buffers, shared_zeros
+from mtl_optax.grad.base import _zero_absent, aggregator, check_buffers, shared_zeros
+from mtl_optax.present import keep_absent, project_present, simplex_part, softmax_present
 from mtl_optax.checks import check_choice, check_positive_int
 
 _EPS = 1e-8  # LibMTL's guard when normalizing the rows
@@ -71,15 +72,17 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
   check_choice(simplex, ("softmax", "projection"), "moco: simplex")
   to_simplex = (jax.nn.softmax if simplex == "softmax"
                 else optax.projections.projection_simplex)
+  simplex_of_present = softmax_present if simplex == "softmax" else project_present
 
   def init(params):
     return MoCoState(jnp.zeros([], jnp.int32),
                      shared_zeros(params, num_tasks, shared, "moco"),
                      jnp.full((num_tasks,), 1.0 / num_tasks, tree_lib.weight_dtype(params)))
 
-  def aggregate(rows, state, losses, params, axis_name=None):
+  def aggregate(rows, state, losses, params, present, axis_name=None):
     del params
     check_buffers("moco", state.tracking, rows)
+    rows = _zero_absent(rows, present)
     step = (state.count + 1).astype(jnp.float32)
     if normalize:
       norms = tree_lib.row_norms(rows, axis_name=axis_name)
@@ -87,9 +90,20 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
     beta_k = beta / step**beta_sigma
     tracking = optax.tree.cast_like(  # y <- y - beta (y - g)
         optax.tree.update_moment(rows, state.tracking, 1.0 - beta_k, 1), state.tracking)
+    tracking = keep_absent(state.tracking, tracking, present)  # absent tasks' y as they were
     gram = tree_lib.gram(tracking, axis_name=axis_name) + rho * jnp.eye(num_tasks)
-    weights = to_simplex(state.weights - gamma / step**gamma_sigma * gram @ state.weights)
-    return (tree_lib.combine(weights, tracking), weights, None,
-            MoCoState(state.count + 1, tracking, weights))
+    rate = gamma / step**gamma_sigma
 
-  return aggregator("moco", num_tasks, init, aggregate, shared=shared, needs_losses=normalize)
+    def some(w):  # MoCo's step on the present tasks, from their lambda renormalized
+      part, mass = simplex_part(w, present)
+      both = present[:, None] & present[None, :]
+      new = simplex_of_present(part - rate * jnp.where(both, gram, 0.0) @ part, present)
+      return new, jnp.where(present, mass * new, w).astype(w.dtype)
+
+    full = lambda w: (to_simplex(w - rate * gram @ w),) * 2
+    weights, kept = jax.lax.cond(jnp.all(present), full, some, state.weights)
+    return (tree_lib.combine(weights, tracking), weights, None,
+            MoCoState(state.count + 1, tracking, kept))
+
+  return aggregator("moco", num_tasks, init, aggregate, shared=shared, needs_losses=normalize,
+                    handles_absent=True)

@@ -11,6 +11,7 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.grad.base import gram_aggregator
+from mtl_optax.present import project_present, simplex_part
 
 
 class MoDoState(NamedTuple):
@@ -104,9 +105,19 @@ def modo(
     dtype = tree_lib.weight_dtype(params)
     return MoDoState(jnp.full((num_tasks,), 1.0 / num_tasks, dtype))
 
-  def weights(cross, state, losses):
+  def weights(cross, state, losses, present):
     del losses
-    lambd = modo_weights(cross.astype(state.lambd.dtype), state.lambd, gamma=gamma, rho=rho)
-    return lambd, None, MoDoState(lambd)
+    cross = cross.astype(state.lambd.dtype)
 
-  return gram_aggregator("modo", num_tasks, init, weights, shared=shared, cross_gram=True)
+    def some(lambd):  # the step of MoDo on the present tasks, from their lambda renormalized
+      part, mass = simplex_part(lambd, present)
+      step = part - gamma * (cross @ part + rho * part)
+      new = project_present(step, present)
+      return new, jnp.where(present, mass * new, lambd).astype(lambd.dtype)
+
+    full = lambda lambd: (modo_weights(cross, lambd, gamma=gamma, rho=rho),) * 2
+    w, lambd = jax.lax.cond(jnp.all(present), full, some, state.lambd)
+    return w, None, MoDoState(lambd)
+
+  return gram_aggregator("modo", num_tasks, init, weights, shared=shared, cross_gram=True,
+                         handles_absent=True)

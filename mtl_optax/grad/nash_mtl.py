@@ -104,7 +104,7 @@ def nash_mtl(
   """
   return nash_aggregator(
       "nash_mtl", num_tasks,
-      lambda m, prev: nash_mtl_weights(m, prev, optim_niter=optim_niter, tol=tol),
+      lambda m, prev, present: nash_mtl_weights(m, prev, optim_niter=optim_niter, tol=tol),
       update_weights_every=update_weights_every, optim_niter=optim_niter, max_norm=max_norm,
       shared=shared)
 
@@ -112,14 +112,14 @@ def nash_mtl(
 def nash_aggregator(
     name: str,
     num_tasks: int,
-    solve: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    solve: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
     *,
     update_weights_every: int,
     optim_niter: int,
     max_norm: float,
     shared: tree_lib.MaskOrFn,
 ) -> optax.GradientTransformationExtraArgs:
-  """d = sum_i alpha_i g_i with alpha = solve(M, previous alpha) -> (alpha, ok per task).
+  """d = sum_i alpha_i g_i with alpha = solve(M, previous alpha, present) -> (alpha, ok per task).
 
   The machinery Nash-MTL and its variants share: alpha recomputed every
   `update_weights_every` steps and kept where `ok` is false, the shared part of d clipped to
@@ -133,11 +133,11 @@ def nash_aggregator(
     return NashMTLState(jnp.zeros([], jnp.int32),
                         jnp.ones((num_tasks,), tree_lib.weight_dtype(params)), jnp.array(True))
 
-  def weights(m, state, losses):
+  def weights(m, state, losses, present):
     del losses
 
     def update_alpha(prev):
-      alpha, ok = solve(m, prev)
+      alpha, ok = solve(m, prev, present)  # absent tasks (zero rows) are decoupled, ok False
       norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
       active = norms > 1e-12 * jnp.max(norms)  # zero rows cannot be solved for (solvers.py)
       return jnp.where(ok, alpha, prev).astype(prev.dtype), jnp.all(ok | ~active)
@@ -148,4 +148,5 @@ def nash_aggregator(
             NashMTLState(state.step + 1, alpha, converged))
 
   # alpha(t^2 M) = alpha(M) / t: d = sum_i alpha_i g_i does not change with the rows' scale.
-  return gram_aggregator(name, num_tasks, init, weights, shared=shared, homogeneity=0.0)
+  return gram_aggregator(name, num_tasks, init, weights, shared=shared, handles_absent=True,
+                         homogeneity=0.0)

@@ -87,7 +87,8 @@ def _constrained_weights(gt: jax.Array, tau: jax.Array) -> jax.Array:
 
 
 def pcd_weights(gram: jax.Array, state: PCDState, tau: TauLike = 0.02, beta: float = 0.999,
-                eps: float = 1e-8) -> tuple[jax.Array, PCDState]:
+                eps: float = 1e-8, present: jax.Array | None = None
+                ) -> tuple[jax.Array, PCDState]:
   """PCD's weights: row 0 (the primary task) followed as closely as the secondary tasks'
   progress guarantees allow, rescaled to the primary gradient's norm.
 
@@ -107,6 +108,9 @@ def pcd_weights(gram: jax.Array, state: PCDState, tau: TauLike = 0.02, beta: flo
       float, or a vector with one value per secondary task (length K - 1).
     beta: the decay of the moving average, in [0, 1).
     eps: added to v^ before the inverse square root, >= 0.
+    present: `(K,)` bool of the tasks that take part (None: all; M 0 on the others' rows and
+      columns): the first present task is the primary (as in a build without the others),
+      absent secondaries are left out (a zero row), and the others' v keep their values.
 
   Returns:
     `(w, state)`: the `(K,)` weights w of d = sum_i w_i g_i, and the new state.
@@ -140,21 +144,31 @@ def pcd_weights(gram: jax.Array, state: PCDState, tau: TauLike = 0.02, beta: flo
     beta = jnp.asarray(beta, dtype)
     log_beta, complement = jnp.log(beta), 1.0 - beta
   v = beta * state.sq_norms.astype(dtype) + complement * sq
+  if present is not None:
+    v = jnp.where(present, v, state.sq_norms.astype(dtype))
   correction = -jnp.expm1(count.astype(dtype) * log_beta)
   denom = jnp.sqrt(v / correction + eps)
   s = jnp.where(denom > 0.0, 1.0 / jnp.where(denom > 0.0, denom, 1.0), 0.0)
   gt = safe * s[:, None] * s[None, :]
+  taus = jnp.broadcast_to(jnp.asarray(tau, dtype), (k - 1,))
+  if present is not None:
+    # The present tasks first, in their order (the identity when every task is present): the
+    # first present task is the primary; each secondary keeps its tau.
+    order = jnp.argsort(~present, stable=True)
+    taus = jnp.concatenate([jnp.zeros((1,), dtype), taus])[order][1:]
+    gt, s, sq = gt[order][:, order], s[order], sq[order]
 
   if k == 1:
     w_tilde = jnp.ones((1,), dtype)
   else:
-    taus = jnp.broadcast_to(jnp.asarray(tau, dtype), (k - 1,))
     w_tilde = _constrained_weights(gt, taus)
   d_sq = w_tilde @ gt @ w_tilde
   level = 10.0 * float(jnp.finfo(dtype).eps) * (
       jnp.abs(w_tilde) @ jnp.sqrt(jnp.maximum(jnp.diag(gt), 0.0))) ** 2
   ok = (sq[0] > 0.0) & (d_sq > level)
   w = jnp.where(ok, w_tilde * s * jnp.sqrt(sq[0] / jnp.where(ok, d_sq, 1.0)), 0.0)
+  if present is not None:
+    w = jnp.zeros_like(w).at[order].set(w)
   w = jnp.where(finite, w, jnp.nan)
   new = PCDState(v.astype(state.sq_norms.dtype), count)
   return w, jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
@@ -168,7 +182,8 @@ def pcd(num_tasks: int, *, tau: TauLike = 0.02, beta: float = 0.999, eps: float 
   Varam & AlHajri 2026: with g~_i = g_i / sqrt(v^_i + eps), v^_i the bias-corrected moving
   average (decay beta) of ||g_i||^2, d~ = argmin_d ||d - g~_1||^2 s.t. g~_j . d >=
   tau_j ||g~_j||^2 for j >= 2, and the update is d~ rescaled to ||g_1|| (weights
-  `pcd_weights`). The tasks are not exchangeable: row 0 (the first loss) is the primary task.
+  `pcd_weights`). The tasks are not exchangeable: row 0 (the first loss) is the primary task
+  (on a step where it sits out, the first present task is, as in a build without it).
   Because of the normalization, multiplying a secondary row by the same constant at every step
   leaves d unchanged, and multiplying every row at every step by a > 0 multiplies d by a, both
   up to eps (which the squared norms must dominate). The guarantee g~_j . d~ >= tau_j ||g~_j||^2
@@ -218,9 +233,9 @@ def pcd(num_tasks: int, *, tau: TauLike = 0.02, beta: float = 0.999, eps: float 
     return PCDState(jnp.zeros((num_tasks,), tree_lib.weight_dtype(params)),
                     jnp.zeros((), jnp.int32))
 
-  def weights(gram, state, losses):
+  def weights(gram, state, losses, present):
     del losses
-    w, state = pcd_weights(gram, state, tau, beta, eps)
+    w, state = pcd_weights(gram, state, tau, beta, eps, present)
     return w, None, state
 
-  return gram_aggregator("pcd", num_tasks, init, weights, shared=shared)
+  return gram_aggregator("pcd", num_tasks, init, weights, shared=shared, handles_absent=True)

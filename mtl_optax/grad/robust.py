@@ -24,7 +24,7 @@ def _check_krum(num_tasks: int, n_byzantine: int, n_selected: int, score: str) -
 
 
 def krum_weights(gram: jax.Array, *, n_byzantine: int = 0, n_selected: int = 1,
-                 score: str = "squared") -> jax.Array:
+                 score: str = "squared", present: jax.Array | None = None) -> jax.Array:
   """Krum's weights: 1 / n_selected on the n_selected rows of least score s(i) = sum of the
   ||g_i - g_j||^2 over the K - n_byzantine - 2 rows j != i closest to g_i (Blanchard et al.
   2017, Sec. 4; n_selected > 1: Multi-Krum), 0 elsewhere. The distances come from the Gram
@@ -36,6 +36,9 @@ def krum_weights(gram: jax.Array, *, n_byzantine: int = 0, n_selected: int = 1,
     n_selected: m, the number of rows averaged (1: Krum; m > 1: Multi-Krum); needs K >= m.
     score: 'squared' (the paper's sum of squared distances) or 'distance' (torchjd's sum of
       distances).
+    present: `(K,)` bool of the tasks that take part (None: all): Krum of the present rows
+      alone (n of them: n - f - 2 neighbours; with n < f + 3 every present row scores 0 and the
+      first is chosen), 0 at the others.
 
   Returns:
     `(K,)` weights w of d = sum_i w_i g_i. Ties go to the lower index, so relabelling the
@@ -60,7 +63,14 @@ def krum_weights(gram: jax.Array, *, n_byzantine: int = 0, n_selected: int = 1,
   if score == "distance":
     distances = jnp.sqrt(distances)
   distances = jnp.where(jnp.eye(k, dtype=bool), jnp.inf, distances)
-  scores = jnp.sort(distances, axis=1)[:, :k - n_byzantine - 2].sum(axis=1)
+  ordered = jnp.sort(distances, axis=1)
+  scores = ordered[:, :k - n_byzantine - 2].sum(axis=1)
+  if present is not None:  # the usual step (every task present) as without `present`
+    both = present[:, None] & present[None, :]
+    ordered = jnp.sort(jnp.where(both, distances, jnp.inf), axis=1)
+    near = jnp.arange(k) < jnp.sum(present) - n_byzantine - 2
+    some = jnp.where(present, jnp.sum(jnp.where(near, ordered, 0.0), axis=1), jnp.inf)
+    scores = jnp.where(jnp.all(present), scores, some)
   selected = jnp.argsort(scores, stable=True)[:n_selected]
   return jnp.zeros((k,), gram.dtype).at[selected].set(1.0 / n_selected)
 
@@ -104,13 +114,14 @@ def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1, *, score: st
   """
   _check_krum(num_tasks, n_byzantine, n_selected, score)
 
-  def weights(gram, state, losses):
+  def weights(gram, state, losses, present):
     del losses
-    w = krum_weights(gram, n_byzantine=n_byzantine, n_selected=n_selected, score=score)
+    w = krum_weights(gram, n_byzantine=n_byzantine, n_selected=n_selected, score=score,
+                     present=present)
     return w, None, state
 
   return gram_aggregator("krum", num_tasks, lambda params: optax.EmptyState(), weights,
-                         shared=shared)
+                         shared=shared, handles_absent=True)
 
 
 def trimmed_mean(num_tasks: int, trim_number: int, *,
@@ -121,7 +132,8 @@ def trimmed_mean(num_tasks: int, trim_number: int, *,
   Yin et al. 2018, Def. 2 (beta = trim_number / K), as torchjd's TrimmedMean (checked against
   torchjd/aggregation/_trimmed_mean.py). Entry by entry, so it is not Gram-based: it runs on
   the stacked and representation paths only. Needs K >= 2 trim_number + 1. Task-specific
-  leaves get the plain sum.
+  leaves get the plain sum. On a step where only n tasks take part, the mean of their values
+  with min(trim_number, (n - 1) // 2) cut at each end.
 
   Args:
     num_tasks: K.
@@ -153,10 +165,28 @@ def trimmed_mean(num_tasks: int, trim_number: int, *,
                      f"rows, got K = {num_tasks}.")
   keep = slice(trim_number, num_tasks - trim_number)
 
-  def aggregate(shared_rows, state, losses, params, axis_name=None):
+  def aggregate(shared_rows, state, losses, params, present, axis_name=None):
     del losses, params, axis_name  # coordinate-wise: rows split over devices need nothing more
-    out = jax.tree.map(lambda r: jnp.sort(r, axis=0)[keep].mean(axis=0), shared_rows)
-    return out, jnp.full((num_tasks,), 1.0 / (keep.stop - keep.start)), None, state
+    weights = jnp.full((num_tasks,), 1.0 / (keep.stop - keep.start))
+
+    def full(rows):
+      return jax.tree.map(lambda r: jnp.sort(r, axis=0)[keep].mean(axis=0), rows), weights
+
+    def some(rows):  # the present rows alone (n of them), min(b, (n - 1) // 2) cut at each end
+      n = jnp.sum(present)
+      cut = jnp.maximum(jnp.minimum(trim_number, (n - 1) // 2), 0)
+      left = jnp.maximum(n - 2 * cut, 1)
+
+      def mean(r):
+        mask = present.reshape((-1,) + (1,) * (r.ndim - 1))
+        idx = jnp.arange(num_tasks).reshape(mask.shape)
+        ordered = jnp.sort(jnp.where(mask, r, jnp.inf), axis=0)
+        kept = (idx >= cut) & (idx < n - cut)
+        return jnp.sum(jnp.where(kept, ordered, 0.0), axis=0) / left.astype(r.dtype)
+      return jax.tree.map(mean, rows), jnp.full((num_tasks,), 1.0 / left)
+
+    out, weights = jax.lax.cond(jnp.all(present), full, some, shared_rows)
+    return out, weights, None, state
 
   return aggregator("trimmed_mean", num_tasks, lambda params: optax.EmptyState(), aggregate,
-                    shared=shared)
+                    shared=shared, handles_absent=True)

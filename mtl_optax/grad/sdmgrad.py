@@ -12,6 +12,7 @@ import optax
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
 from mtl_optax.grad.base import gram_aggregator
+from mtl_optax.present import num_present, project_present, simplex_part
 
 
 class SDMGradState(NamedTuple):
@@ -19,7 +20,8 @@ class SDMGradState(NamedTuple):
 
 
 def sdmgrad_weights(cross_gram: jax.Array, w: jax.Array, *, lam: float = 0.3, niter: int = 20,
-                    lr: float = 5.0, momentum: float = 0.5) -> tuple[jax.Array, jax.Array]:
+                    lr: float = 5.0, momentum: float = 0.5, present: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
   """SDMGrad's weights: w <- Pi_simplex(w - lr v), v the heavy-ball sum of C w + lam C 1/K.
 
   `niter` projected momentum-SGD steps (fresh momentum each call, as LibMTL's per-step
@@ -36,6 +38,9 @@ def sdmgrad_weights(cross_gram: jax.Array, w: jax.Array, *, lam: float = 0.3, ni
     niter: the SGD steps per call.
     lr: their step size (LibMTL's 5).
     momentum: their momentum (LibMTL's 0.5).
+    present: `(K,)` bool of the tasks that take part (None: all; C 0 on the others' rows and
+      columns): the steps run from w renormalized over the present tasks, on their simplex,
+      with K their number; the new w keeps the others' entries and the present ones' mass.
 
   Returns:
     `(weights, w)`: `(K,)` weights of d = sum_i weights_i g_i, and the new inner weights.
@@ -52,11 +57,30 @@ def sdmgrad_weights(cross_gram: jax.Array, w: jax.Array, *, lam: float = 0.3, ni
     >>> print(np.asarray(w).round(3), np.asarray(weights).round(3))
     [1. 0.] [0.885 0.115]
   """
+  if present is not None:  # the usual step (every task present) as without `present`
+    full = lambda w: sdmgrad_weights(cross_gram, w, lam=lam, niter=niter, lr=lr,
+                                     momentum=momentum)
+
+    def some(w):  # on the present tasks, from their w renormalized; the others keep theirs
+      part, mass = simplex_part(w, present)
+      out, new = _sdmgrad_weights(cross_gram, part, lam, niter, lr, momentum, present)
+      return out, jnp.where(present, mass * new, w).astype(w.dtype)
+    return jax.lax.cond(jnp.all(present), full, some, w)
+  return _sdmgrad_weights(cross_gram, w, lam, niter, lr, momentum, None)
+
+
+def _sdmgrad_weights(cross_gram, w, lam, niter, lr, momentum, present):
   k = cross_gram.shape[0]
-  scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diag(cross_gram), 0.0))) ** 2
+  if present is None:
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(cross_gram), 0.0))
+    scale = jnp.mean(norms) ** 2
+    project = optax.projections.projection_simplex
+  else:
+    k = num_present(present).astype(w.dtype)
+    scale = (jnp.sum(jnp.sqrt(jnp.maximum(jnp.diag(cross_gram), 0.0))) / k) ** 2
+    project = lambda x: project_present(x, present)
   c = jnp.where(scale > 0, cross_gram / jnp.where(scale > 0, scale, 1.0), 0.0)
-  pull = lam * jnp.mean(c, axis=1)
-  project = optax.projections.projection_simplex
+  pull = lam * (jnp.mean(c, axis=1) if present is None else jnp.sum(c, axis=1) / k)
 
   def step(i, carry):
     w, buf = carry
@@ -65,7 +89,8 @@ def sdmgrad_weights(cross_gram: jax.Array, w: jax.Array, *, lam: float = 0.3, ni
     return project(w - lr * buf).astype(w.dtype), buf
 
   w, _ = jax.lax.fori_loop(0, niter, step, (w, jnp.zeros_like(w)))
-  return (w + lam / k) / (1.0 + lam), w
+  out = (w + lam / k) / (1.0 + lam)
+  return (out if present is None else jnp.where(present, out, 0.0)), w
 
 
 def sdmgrad(
@@ -124,9 +149,11 @@ def sdmgrad(
   def init(params):
     return SDMGradState(jnp.full((num_tasks,), 1.0 / num_tasks, tree_lib.weight_dtype(params)))
 
-  def weights(cross, state, losses):
+  def weights(cross, state, losses, present):
     del losses
-    out, w = sdmgrad_weights(cross.astype(state.w.dtype), state.w, lam=lam, niter=niter)
+    out, w = sdmgrad_weights(cross.astype(state.w.dtype), state.w, lam=lam, niter=niter,
+                             present=present)
     return out, None, SDMGradState(w)
 
-  return gram_aggregator("sdmgrad", num_tasks, init, weights, shared=shared, cross_gram=True)
+  return gram_aggregator("sdmgrad", num_tasks, init, weights, shared=shared, cross_gram=True,
+                         handles_absent=True)

@@ -11,8 +11,9 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
-from mtl_optax.grad.base import safe_gram
-from mtl_optax.rows import GramRows, GramUpdate, unstack
+from mtl_optax.grad.base import _combine, _finite, safe_gram
+from mtl_optax.present import task_present
+from mtl_optax.rows import GramRows, GramUpdate, carried_present, unstack
 from mtl_optax.state import BalancerState, weights_product
 
 Criterion = Literal["imbalance", "similarity"]
@@ -26,12 +27,14 @@ class ThresholdState(NamedTuple):
   applied_steps: jax.Array  # () int32
 
 
-def imbalance_and_similarity(gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+def imbalance_and_similarity(gram: jax.Array, present: jax.Array | None = None
+                             ) -> tuple[jax.Array, jax.Array]:
   """IMGrad's imbalance ratio ||g_max|| / ||g_min|| (Definition 2; +inf with a zero row, 1 when
   all rows are zero) and gradient similarity min_{i<j} cos(g_i, g_j) (Definition 1, its
-  minimum over pairs; the cosine of a zero row is 0; 1 for K = 1), from the Gram matrix."""
+  minimum over pairs; the cosine of a zero row is 0; 1 for K = 1), from the Gram matrix (of the
+  `present` rows only, when given)."""
   from mtl_optax.diagnostics import diagnostics_from_gram  # noqa: PLC0415 (import cycle)
-  diag = diagnostics_from_gram(gram, jnp.zeros(gram.shape[:1], gram.dtype))
+  diag = diagnostics_from_gram(gram, jnp.zeros(gram.shape[:1], gram.dtype), present=present)
   return diag.imbalance_ratio, diag.min_pair_cosine
 
 
@@ -73,7 +76,9 @@ def threshold(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (or `GramRows`,
     or representation rows) to one gradient; its state is a `BalancerState` (`weights`: the
-    inner balancer's when it ran, else ones) around a `ThresholdState`.
+    inner balancer's when it ran, else ones) around a `ThresholdState`. Tasks that sit out
+    (the extra argument `present`, non-finite losses or rows) are left out of the choice and
+    of the plain sum (weight 0), and `present` goes on to `inner`.
 
   Example:
     >>> import jax.numpy as jnp, mtl_optax
@@ -100,20 +105,32 @@ def threshold(
     """The inner balancer's weights of its last update (a chain's product)."""
     return jnp.broadcast_to(weights_product(inner_state), (num_tasks,)).astype(dtype)
 
-  def choose(gram):
-    ratio, similarity = imbalance_and_similarity(gram)
+  def choose(gram, present):
+    ratio, similarity = imbalance_and_similarity(gram, present)
     if criterion == "imbalance":
       return ratio > threshold
     return similarity < threshold
 
+  def given(k, extra_args, carried):
+    """The tasks that take part as far as `present`, the losses and a loss balancer before it
+    say (the rows: below)."""
+    losses = extra_args.get("losses")
+    if losses is not None:
+      losses = tree_lib.check_losses(losses, k, "threshold")
+    present = task_present(extra_args.get("present"), losses, k, "threshold")
+    return present if carried is None else present & carried
+
   def update(updates, state, params=None, **extra_args):
+    carried, received = carried_present(updates), updates
     updates = unstack(updates)
     dtype, state = state.weights.dtype, state.inner
     if isinstance(updates, GramRows):
       from mtl_optax.diagnostics import memo_rows  # noqa: PLC0415 (import cycle)
       rows, memo = memo_rows(updates)
       mask = tree_lib.rows_mask(shared, updates, params, "threshold")
-      apply = choose(memo(mask))
+      gram = memo(mask)
+      present = given(updates.num_tasks, extra_args, carried) & jnp.isfinite(jnp.diag(gram))
+      apply = choose(gram, present)
       seen = {}
 
       def balanced(inner_state):
@@ -124,7 +141,7 @@ def threshold(
         return out.shared, out.specific, new_state
 
       shape = jax.eval_shape(balanced, state.inner)
-      ones = updates.coef.T @ jnp.ones((updates.num_tasks,), updates.coef.dtype)
+      ones = updates.coef.T @ present.astype(updates.coef.dtype)
 
       def plain(inner_state):
         return ones.astype(shape[0].dtype), ones.astype(shape[1].dtype), inner_state
@@ -133,20 +150,25 @@ def threshold(
       out = GramUpdate(w, v, seen["mask"])
     else:
       mask = tree_lib.rows_mask(shared, updates, params, "threshold")
+      k = tree_lib.num_tasks(updates, num_tasks, "threshold")
       # Inside shard_map with rows split over devices, the devices' Gram matrices are summed
       # (as the inner balancer does), so every device takes the same branch.
-      apply = choose(safe_gram(tree_lib.split(updates, mask)[0],
-                               extra_args.get("axis_name"))[0])
+      shared_rows, specific_rows = tree_lib.split(updates, mask)
+      axis_name = extra_args.get("axis_name")
+      gram = safe_gram(shared_rows, axis_name)[0]  # any finite scale
+      # The tasks that take part: given, finite losses, finite rows (absent rows sit out).
+      present = given(k, extra_args, carried) & jnp.isfinite(jnp.diag(gram)) & _finite(
+          specific_rows, k, axis_name)
+      apply = choose(gram, present)
 
       def balanced(inner_state):
-        return inner.update(updates, inner_state, params, **extra_args)
+        return inner.update(received, inner_state, params, **extra_args)
 
-      def plain(inner_state):
-        k = tree_lib.num_tasks(updates, num_tasks, "threshold")
-        return tree_lib.combine(jnp.ones((k,), jnp.float32), updates), inner_state
+      def plain(inner_state):  # the sum of the present rows
+        return _combine(present.astype(jnp.float32), updates, present), inner_state
 
       out, inner_state = jax.lax.cond(apply, balanced, plain, state.inner)
-    weights = jnp.where(apply, inner_weights(inner_state, dtype), jnp.ones((num_tasks,), dtype))
+    weights = jnp.where(apply, inner_weights(inner_state, dtype), present.astype(dtype))
     return out, BalancerState(weights, ThresholdState(
         inner_state, apply, state.applied_steps + apply.astype(jnp.int32)))
 

@@ -12,7 +12,8 @@ from mtl_optax.grad.base import gram_aggregator
 
 
 def upgrad_weights(gram: jax.Array, *, norm_eps: float = 0.0, reg_eps: float = 1e-4,
-                   max_iter: int = 100, tol: float = 1e-7) -> jax.Array:
+                   max_iter: int = 100, tol: float = 1e-7,
+                   present: jax.Array | None = None) -> jax.Array:
   """UPGrad's weights: the mean over i of v_i = argmin_{v >= e_i} v^T M v (Quinton & Rey 2024,
   Eq. 5 with Prop. 1), on M / trace(M) + reg_eps I as torchjd.
 
@@ -22,6 +23,9 @@ def upgrad_weights(gram: jax.Array, *, norm_eps: float = 0.0, reg_eps: float = 1
     reg_eps: the ridge added to M / trace(M); must be > 0.
     max_iter: step cap of the active-set QP solver (`solvers.dual_cone_weights`).
     tol: its relative tolerance.
+    present: `(K,)` bool of the tasks that take part (None: all); M must be 0 on the others'
+      rows and columns, so the ridge decouples them: the mean runs over the present i
+      (u = e_i / number present), and the others get weight 0.
 
   Returns:
     `(K,)` weights w of d = sum_i w_i g_i.
@@ -40,7 +44,11 @@ def upgrad_weights(gram: jax.Array, *, norm_eps: float = 0.0, reg_eps: float = 1
   trace = jnp.trace(gram)
   m = jnp.where(trace >= norm_eps, gram / jnp.where(trace > 0, trace, 1.0), 0.0)
   m = m + reg_eps * jnp.eye(k, dtype=m.dtype)
-  v = solvers.dual_cone_weights(m, jnp.eye(k, dtype=m.dtype) / k, max_iter=max_iter, tol=tol)
+  u = jnp.eye(k, dtype=m.dtype) / k
+  if present is not None:  # equal to u when every task is present
+    u = jnp.where(present[:, None] & jnp.eye(k, dtype=bool),
+                  1.0 / jnp.maximum(jnp.sum(present), 1).astype(m.dtype), 0.0)
+  v = solvers.dual_cone_weights(m, u, max_iter=max_iter, tol=tol)
   return jnp.sum(v, axis=0)
 
 
@@ -92,10 +100,11 @@ def upgrad(
     >>> print(np.asarray(d["w"]).round(3))
     [0.47  1.118]
   """
-  def weights(m, state, losses):
+  def weights(m, state, losses, present):
     del losses
-    w = upgrad_weights(m, norm_eps=norm_eps, reg_eps=reg_eps, max_iter=max_iter, tol=tol)
+    w = upgrad_weights(m, norm_eps=norm_eps, reg_eps=reg_eps, max_iter=max_iter, tol=tol,
+                       present=present)
     return w, None, state
 
   return gram_aggregator("upgrad", num_tasks, lambda params: optax.EmptyState(), weights,
-                         shared=shared)
+                         shared=shared, handles_absent=True)

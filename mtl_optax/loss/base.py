@@ -11,8 +11,8 @@ import optax
 
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
-from mtl_optax.present import keep_absent, task_present
-from mtl_optax.rows import GramRows, StackedRows, unstack
+from mtl_optax.present import finite_rows, keep_absent, task_present
+from mtl_optax.rows import GramRows, StackedRows, carried_present, unstack
 from mtl_optax.state import BalancerState
 
 WeightFn = Callable[..., tuple[jax.Array, Any]]  # (losses, state, **extra) -> (s, state)
@@ -31,7 +31,8 @@ def reweighter(
   """Builds a loss balancer: row i of the stacked gradients is scaled by `s_i`.
 
   Absent tasks (the extra argument `present`, a `(K,)` bool, False for tasks without data this
-  step; also tasks whose loss is not finite, or not positive where `needs_positive`) get s_i = 0
+  step; also tasks whose loss or row is not finite, or whose loss is not positive where
+  `needs_positive`) get s_i = 0
   and their rows are dropped (a select, so NaN rows vanish); `weight_fn` sees the loss 1 in
   their place, and the per-task entries of its state (leaves with leading axis K) keep their old
   values, as does any entry the step would make non-finite. That is exact for methods whose
@@ -79,6 +80,13 @@ def reweighter(
     if needs_losses or losses is not None:
       losses = tree_lib.check_losses(losses, k, name)
     present = task_present(present, losses, k, name, positive=needs_positive)
+    if carried_present(updates) is not None:  # a loss balancer before it left those out
+      present = present & carried_present(updates)
+    if not isinstance(rows, GramRows):  # a non-finite row sits out too (rows on the Gram-only
+      finite = finite_rows(rows)        # path: value_and_grad's `present` says)
+      if extra.get("axis_name") is not None:
+        finite = jax.lax.pmin(finite.astype(jnp.int32), extra["axis_name"]) > 0
+      present = present & finite
     if losses is not None:
       losses = jnp.where(present, losses, jnp.ones((), losses.dtype))
     kwargs = {n: extra.get(n) for n in extra_args}
@@ -88,9 +96,9 @@ def reweighter(
     weights = jnp.where(present & jnp.isfinite(weights), weights, 0.0)
     inner = keep_absent(state.inner, inner, present, per_task=not handles_absent)
     if isinstance(rows, GramRows):
-      out = rows.scale(weights)
+      out = rows.scale(weights, present)
     else:
-      out = StackedRows(tree_lib.scale_rows(weights, rows, present))
+      out = StackedRows(tree_lib.scale_rows(weights, rows, present), present)
     return out, BalancerState(weights.astype(state.weights.dtype), inner)
 
   return optax.GradientTransformationExtraArgs(init, update)

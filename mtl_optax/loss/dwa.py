@@ -73,8 +73,9 @@ def dwa(num_tasks: int, steps_per_epoch: int,
         count=state.count + 1,
         epoch_sum=jnp.where(epoch_done, 0.0, epoch_sum),
         epoch_steps=jnp.where(epoch_done, 0, epoch_steps),
-        last=jnp.where(epoch_done, mean, state.last),
-        before_last=jnp.where(epoch_done, state.last, state.before_last),
+        # A task absent for the whole epoch keeps both (the epoch did not happen for it).
+        last=jnp.where(epoch_done & (epoch_steps > 0), mean, state.last),
+        before_last=jnp.where(epoch_done & (epoch_steps > 0), state.last, state.before_last),
     )
     return w, new_state
 
