@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import _zero_absent, aggregator, check_buffers, shared_zeros
-from mtl_optax.present import keep_absent
+from mtl_optax.grad.base import aggregator, check_buffers, shared_zeros
 from mtl_optax.checks import check_positive_int
 from mtl_optax.loss.scale import log_losses
 
@@ -73,11 +72,14 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0, *,
   def aggregate(rows, state, losses, params, present, axis_name=None):
     del losses, params
     check_buffers("db_mtl", state.grads, rows)
-    rows = _zero_absent(rows, present)
     beta_k = beta / (state.count + 1).astype(jnp.float32)**beta_sigma
-    grads = optax.tree.cast_like(optax.tree.update_moment(rows, state.grads, beta_k, 1),
-                                 state.grads)
-    grads = keep_absent(state.grads, grads, present)  # absent tasks' EMAs as they were
+    # Absent tasks' EMAs as they were (their rows, maybe NaN, are not read): one select inside
+    # the EMA's own expression, no extra pass over the K buffers.
+    ema = optax.tree.cast_like(optax.tree.update_moment(rows, state.grads, beta_k, 1),
+                               state.grads)
+    grads = jax.tree.map(
+        lambda new, old: jnp.where(present.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+        ema, state.grads)
     norms = tree_lib.row_norms(grads, axis_name=axis_name)
     # The largest present norm, and absent tasks' EMAs left out of d (the identity when every
     # task is present).

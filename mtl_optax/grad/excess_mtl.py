@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import _zero_absent, aggregator, check_buffers, shared_zeros
-from mtl_optax.present import keep_absent, num_present, softmax_present
+from mtl_optax.grad.base import _combine, aggregator, check_buffers, shared_zeros
+from mtl_optax.present import num_present, softmax_present
 
 
 class ExcessMTLState(NamedTuple):
@@ -83,10 +83,14 @@ def excess_mtl(
   def aggregate(rows, state, losses, params, present, axis_name=None):
     del losses, params
     check_buffers("excess_mtl", state.grad_sq_sum, rows)
-    rows = _zero_absent(rows, present)
-    sums = jax.tree.map(lambda s, r: s + jnp.square(r.astype(s.dtype)), state.grad_sq_sum, rows)
+    # Absent tasks' rows (maybe NaN) are selected out inside each expression that reads them
+    # (no zeroed copy of the rows), and their sums stay as they were.
+    where = lambda r, x, other: jnp.where(  # noqa: E731
+        present.reshape((-1,) + (1,) * (r.ndim - 1)), x, other)
+    sums = jax.tree.map(lambda s, r: where(r, s + jnp.square(r.astype(s.dtype)), s),
+                        state.grad_sq_sum, rows)
     per_leaf = jax.tree.map(
-        lambda s, r: jnp.sum(jnp.square(r.astype(s.dtype)) / jnp.sqrt(s + eps),
+        lambda s, r: jnp.sum(where(r, jnp.square(r.astype(s.dtype)) / jnp.sqrt(s + eps), 0.0),
                              axis=tuple(range(1, r.ndim))), sums, rows)
     dtype = state.log_weights.dtype
     risk = sum(jax.tree.leaves(per_leaf), jnp.zeros((num_tasks,), dtype)).astype(dtype)
@@ -109,9 +113,7 @@ def excess_mtl(
     weights = jnp.where(every, num_tasks * jax.nn.softmax(log_weights),
                         num_present(present) * softmax_present(log_weights, present))
     new_state = ExcessMTLState(state.count + 1, sums, first_risk, log_weights.astype(dtype))
-    sums = keep_absent(state.grad_sq_sum, sums, present)
-    new_state = new_state._replace(grad_sq_sum=sums)
-    return tree_lib.combine(weights, rows), weights, weights, new_state
+    return _combine(weights, rows, present), weights, weights, new_state
 
   return aggregator("excess_mtl", num_tasks, init, aggregate, shared=shared,
                     handles_absent=True)

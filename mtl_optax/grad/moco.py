@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax import tree as tree_lib
-from mtl_optax.grad.base import _zero_absent, aggregator, check_buffers, shared_zeros
-from mtl_optax.present import keep_absent, project_present, simplex_part, softmax_present
+from mtl_optax.grad.base import aggregator, check_buffers, shared_zeros
+from mtl_optax.present import project_present, simplex_part, softmax_present
 from mtl_optax.checks import check_choice, check_positive_int
 
 _EPS = 1e-8  # LibMTL's guard when normalizing the rows
@@ -82,7 +82,8 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
   def aggregate(rows, state, losses, params, present, axis_name=None):
     del params
     check_buffers("moco", state.tracking, rows)
-    rows = _zero_absent(rows, present)
+    # Absent tasks' y stay as they were: one select inside the EMA's expression, so their rows
+    # (maybe NaN, and NaN after the normalization) are never read into the state.
     step = (state.count + 1).astype(jnp.float32)
     if normalize:
       norms = tree_lib.row_norms(rows, axis_name=axis_name)
@@ -90,7 +91,9 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5, gamma: floa
     beta_k = beta / step**beta_sigma
     tracking = optax.tree.cast_like(  # y <- y - beta (y - g)
         optax.tree.update_moment(rows, state.tracking, 1.0 - beta_k, 1), state.tracking)
-    tracking = keep_absent(state.tracking, tracking, present)  # absent tasks' y as they were
+    tracking = jax.tree.map(
+        lambda new, old: jnp.where(present.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+        tracking, state.tracking)
     gram = tree_lib.gram(tracking, axis_name=axis_name) + rho * jnp.eye(num_tasks)
     rate = gamma / step**gamma_sigma
 
