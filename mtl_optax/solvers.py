@@ -310,7 +310,7 @@ def _nash_step(q: jax.Array, y: jax.Array, lam: jax.Array) -> jax.Array:
   step on phi(t) = F(b + t b y) - F(b) = -lam^2 t + q t^2 / 2 + sum_i (t y_i - log(1 + t y_i)),
   q = (b y)^T C (b y), where that lowers phi.
 
-  phi is convex and self-concordant, so phi'(t0) <= 0 (Nesterov 2004, Thm. 4.1.5): its
+  phi is convex and self-concordant, so phi'(t0) <= 0 (Nesterov 2004, Sec. 4.1.4): its
   minimizer lies right of t0 and left of the domain edge min_{y_i < 0} -1 / y_i and of
   lam^2 / q (phi' >= 0 there); the Newton step is capped halfway to that bound. phi is never
   above phi(t0), the decrease the damped method's global bound needs. Where the minimizer is far
@@ -349,13 +349,15 @@ def nash_weights(
   multiples of: the ones vector; v_i = (1 + min_{j != i} c_ij)^-1/2, the fixed point of task
   i's most conflicting pair alone (nearly opposite rows need b ~ (1 + c_ij)^-1/2 >> 1 there);
   and `prev`, if given and positive. 3-7 steps on ordinary and nearly opposite rows up to
-  K = 64 (the damped steps from the ones vector took up to 20).
+  K = 64 (the damped steps from the ones vector took up to 20, the default cap).
 
-  Stops, and accepts the iterate, when max_i |rho_i| < tol, or when lambda is at its rounding
-  level: lambda <= min(0.1, 2 sqrt(|y|^T e)), e_i = eps b_i (|C| b)_i the rounding level of
-  rho_i (an error e in rho moves lambda^2 by ~2 |y|^T e; F - F* <= lambda^2 then; nearly
-  opposite rows leave |rho| ~ 1e-2 in float32), or after `max_iter` steps. Tasks with a zero
-  row cannot satisfy the condition and are left out.
+  Stops, and accepts the iterate, when max_i |rho_i| < tol, or when lambda <= 0.1 is at its
+  rounding level (F - F* <= lambda^2 then; nearly opposite rows leave |rho| ~ 1e-2 in float32):
+  lambda <= sqrt(|y|^T e), e_i = eps b_i (|C| b)_i the rounding level of rho_i (an error e in
+  rho moves lambda^2 by ~2 |y|^T e), or lambda is above the bound (lambda' / (1 - lambda'))^2
+  that a full step from lambda' <= 0.1 guarantees in exact arithmetic (Nesterov 2004,
+  Sec. 4.1.5); or after `max_iter` steps. Tasks with a zero row cannot satisfy the condition
+  and are left out.
 
   Args:
     m: `(K, K)` Gram matrix M.
@@ -371,8 +373,8 @@ def nash_weights(
 
   References:
     Navon et al. 2022, "Multi-Task Learning as a Bargaining Game", arXiv:2202.01017, Eq. 5;
-    Nesterov 2004, "Introductory Lectures on Convex Optimization", Sec. 4.1.5 (Newton's method
-    on self-concordant functions).
+    Nesterov 2004, "Introductory Lectures on Convex Optimization", Sec. 4.1.4-4.1.5 (Newton's
+    method on self-concordant functions).
   """
   return _nash_solve(m, max_iter=max_iter, tol=tol, prev=prev)[:2]
 
@@ -399,20 +401,26 @@ def _nash_solve(m: jax.Array, *, max_iter: int = 20, tol: float = 1e-4,
     y = -jax.scipy.linalg.cho_solve(factor, rho)
     return rho, y, jnp.sqrt(jnp.maximum(-rho @ y, 0.0))
 
-  def accepted(b, rho, y, decrement):
-    # An error e_i in rho_i changes lambda^2 = -rho^T y by about -2 e^T y.
-    floor = 2.0 * jnp.sqrt(eps * jnp.abs(y) @ (b * (jnp.abs(c) @ b)))
-    return (jnp.max(jnp.abs(rho)) < tol) | (decrement <= jnp.minimum(0.1, floor))
+  def accepted(b, rho, y, decrement, last):
+    # An error e in rho changes lambda^2 = -rho^T y by about 2 |y|^T e.
+    floor = jnp.sqrt(eps * jnp.abs(y) @ (b * (jnp.abs(c) @ b)))
+    # After a full step from lambda' <= 0.1, lambda <= (lambda' / (1 - lambda'))^2 in exact
+    # arithmetic; above that bound, rounding dominates.
+    stalled = (last <= 0.1) & (decrement > (last / (1.0 - last)) ** 2)
+    return ((jnp.max(jnp.abs(rho)) < tol) | (decrement <= jnp.minimum(0.1, floor))
+            | (stalled & (decrement <= 0.1)))
 
   def body(carry):
-    b, it, _ = carry
+    b, it, _, last, _, _ = carry
     rho, y, decrement = newton_step(b)
     s = b * y
     t = jnp.where(decrement < 0.5, 1.0, _nash_step(jnp.maximum(s @ c @ s, 0.0), y, decrement))
     b_new = b * (1.0 + t * y)
     good = jnp.all(jnp.isfinite(b_new)) & jnp.all(b_new > 0)
-    stop = accepted(b, rho, y, decrement) | ~good
-    return jnp.where(stop, b, b_new), it + 1, stop
+    done = accepted(b, rho, y, decrement, last)
+    stop = done | ~good
+    return (jnp.where(stop, b, b_new), it + 1, stop,
+            jnp.where(stop, last, jnp.where(decrement < 0.5, decrement, jnp.inf)), done, decrement)
 
   def best_multiple(v):  # argmin_t F(t v) = sqrt(K / v^T C v)
     return v * jnp.sqrt(k / jnp.maximum(v @ c @ v, 1.0 / k))
@@ -431,13 +439,20 @@ def _nash_solve(m: jax.Array, *, max_iter: int = 20, tol: float = 1e-4,
     p = best_multiple(jnp.where(active & usable, p, 1.0))
     b0 = jnp.where(usable, lower(b0, p), b0)
   cond = lambda carry: ~carry[2] & (carry[1] < max_iter)
-  b, steps, _ = jax.lax.while_loop(cond, body, (b0, jnp.array(0), jnp.array(False)))
+  inf, false = jnp.array(jnp.inf, m.dtype), jnp.array(False)
+  b, steps, stopped, last, done, decrement = jax.lax.while_loop(
+      cond, body, (b0, jnp.array(0), false, inf, false, inf))
   # Below its rounding level K eps b^T |C| b, Nash's set is empty but for rounding (no direction
   # improves every task) and d would be rounding noise.
   resolved = b @ c @ b > k * eps * (b @ jnp.abs(c) @ b)
   valid = jnp.all(jnp.isfinite(b)) & jnp.all(b > 0) & resolved
-  rho, y, decrement = newton_step(b)
-  converged = valid & accepted(b, rho, y, decrement)
+
+  def check():  # the loop ran out of steps: b is not tested yet
+    rho, y, decrement = newton_step(b)
+    return accepted(b, rho, y, decrement, last), decrement
+
+  done, decrement = jax.lax.cond(stopped, lambda: (done, decrement), check)
+  converged = valid & done
   if prev is not None:  # bounded (decrement < 1/2: F - F* <= decrement^2) and better than prev
     p = prev.astype(m.dtype) * norms
     p_ok = jnp.all(jnp.isfinite(p)) & jnp.all(jnp.where(active, p > 0, True))

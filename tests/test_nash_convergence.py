@@ -52,7 +52,7 @@ def test_nash_converges_on_nearly_opposite_rows(k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [40, 64, 128])
+@pytest.mark.parametrize("k", [40, 64])
 def test_nash_converges_on_nearly_opposite_rows_many_seeds(k):
   check_family(k, range(SEEDS, SEEDS + 200))
 
