@@ -32,7 +32,7 @@ from mtl_optax.grad.constant import constant
 from mtl_optax.grad.cr_mogm import CRMOGMState, cr_mogm, cr_mogm_weights
 from mtl_optax.grad.db_mtl import DBMTLState, db_mtl
 from mtl_optax.grad.excess_mtl import ExcessMTLState, excess_mtl
-from mtl_optax.grad.fairgrad import fairgrad, fairgrad_weights
+from mtl_optax.grad.fairgrad import FairGradState, fairgrad, fairgrad_weights
 from mtl_optax.grad.dualproj import dualproj, dualproj_weights
 from mtl_optax.grad.graddrop import GradDropState, graddrop
 from mtl_optax.grad.gradnorm import GradNormState, gradnorm
@@ -81,6 +81,7 @@ __all__ = (
     "DiagnosticsState",
     "ExcessMTLState",
     "FAMOState",
+    "FairGradState",
     "GradDropState",
     "GradNormState",
     "GradVacState",

@@ -25,7 +25,8 @@ arXiv:2503.08006, Definitions 1-3):
 - normalized_weights = w / sum_i |w_i| (zeros when w = 0) and effective_tasks = exp(entropy of
   |w| / sum |w|), between 1 (one task) and K (equal weights); 0 when w = 0;
 - converged: whether the method's solver succeeded this step, where the method reports it
-  (`nash_mtl` and `imgrad_nash`: `NashMTLState.converged`); True for every other method.
+  (`nash_mtl` and `imgrad_nash`: `NashMTLState.converged`; `fairgrad`:
+  `FairGradState.converged`); True for every other method.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def memo_rows(rows: GramRows) -> tuple[GramRows, _MemoGram]:
 
 
 def reported_convergence(state: Any) -> jax.Array:
-  """True unless a `converged` field in `state` (Nash-MTL, IMGrad-Nash) says otherwise."""
+  """True unless a `converged` field in `state` (Nash-MTL, IMGrad-Nash, FairGrad) says otherwise."""
   flags = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
            if path and getattr(path[-1], "name", None) == "converged"]
   return jnp.all(jnp.array([jnp.all(f) for f in flags])) if flags else jnp.array(True)

@@ -304,28 +304,85 @@ def simplex_minimize(
   return jnp.where(jnp.all(jnp.isfinite(best)), best, w0)
 
 
+def _nash_step(q: jax.Array, y: jax.Array, lam: jax.Array) -> jax.Array:
+  """The step length t along the scaled Newton direction y of `nash_weights` (b -> b (1 + t y))
+  for Newton decrement lam >= 1/2: the damped step t0 = 1 / (1 + lam), improved by one Newton
+  step on phi(t) = F(b + t b y) - F(b) = -lam^2 t + q t^2 / 2 + sum_i (t y_i - log(1 + t y_i)),
+  q = (b y)^T C (b y), where that lowers phi.
+
+  phi is convex and self-concordant, so phi'(t0) <= 0 (Nesterov 2004, Sec. 4.1.4): its
+  minimizer lies right of t0 and left of the domain edge min_{y_i < 0} -1 / y_i and of
+  lam^2 / q (phi' >= 0 there); the Newton step is capped halfway to that bound. phi is never
+  above phi(t0), the decrease the damped method's global bound needs. Where the minimizer is far
+  beyond t0 (a nearly opposite pair, whose b must grow by 100x), this halves the Newton steps.
+  """
+  lam2 = lam * lam
+  t0 = 1.0 / (1.0 + lam)
+  neg = y < 0.0
+  edge = jnp.min(jnp.where(neg, -1.0 / jnp.where(neg, y, -1.0), jnp.inf))
+  bound = jnp.minimum(edge, lam2 / jnp.maximum(q, _TINY))
+
+  def phi(t):
+    ty = t * y
+    value = -lam2 * t + 0.5 * t * t * q + jnp.sum(ty - jnp.log1p(ty))
+    return jnp.where(jnp.isnan(value), jnp.inf, value)
+
+  inside = 1.0 + t0 * y
+  slope = -lam2 + t0 * (q + jnp.sum(y * y / inside))
+  t1 = jnp.minimum(t0 - slope / (q + jnp.sum((y / inside) ** 2)), 0.5 * (t0 + bound))
+  return jnp.where((t1 > 0.0) & (phi(t1) < phi(t0)), t1, t0)
+
+
 def nash_weights(
     m: jax.Array, *, max_iter: int = 20, tol: float = 1e-4, prev: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """Nash-MTL: alpha > 0 with alpha_i (M alpha)_i = 1 for every task (Navon et al. 2022, Eq. 5).
 
   That is the stationarity condition of the convex, self-concordant problem
-  min_{alpha > 0} F(alpha) = 1/2 alpha^T M alpha - sum_i log alpha_i, solved by damped Newton
-  (Nesterov & Nemirovski: step 1 / (1 + lambda) for Newton decrement lambda >= 1/2, full steps
-  after) on the rescaled problem b_i = ||g_i|| alpha_i (unit-diagonal M, so wildly different row
-  norms do not matter), from the better (lower F) of the best multiples of the ones vector and
-  of `prev` (the previous weights, if given and positive).
+  min_{alpha > 0} F(alpha) = 1/2 alpha^T M alpha - sum_i log alpha_i, solved by Newton's method
+  on the rescaled problem b_i = ||g_i|| alpha_i (unit-diagonal C, so wildly different row norms
+  do not matter). Each step solves (B C B + I) y = -rho by Cholesky, B = diag(b) (the Hessian
+  scaled by B, eigenvalues >= 1; B times the gradient is rho_i = b_i (C b)_i - 1, the residual
+  of Eq. 5), and sets b <- b (1 + t y); Newton decrement lambda = sqrt(-rho^T y). Full steps for
+  lambda < 1/2, else the damped step 1 / (1 + lambda) (Nesterov & Nemirovski) improved by one
+  Newton step along the line (`_nash_step`). The start is the lowest-F one of the best
+  multiples of: the ones vector; v_i = (1 + min_{j != i} c_ij)^-1/2, the fixed point of task
+  i's most conflicting pair alone (nearly opposite rows need b ~ (1 + c_ij)^-1/2 >> 1 there);
+  and `prev`, if given and positive. 3-7 steps on ordinary and nearly opposite rows up to
+  K = 64 (the damped steps from the ones vector took up to 20, the default cap).
 
-  Stops, and accepts the iterate, when max_i |alpha_i (M alpha)_i - 1| < tol, or when it is at
-  what the dtype can reach: Newton decrement lambda <= min(0.1, 4 ||e||_2), e_i = eps b_i
-  (|C| b)_i the rounding level of that residual (F - F* <= lambda^2 then; nearly opposite rows
-  make the floor ~1e-2 in float32), or after `max_iter` steps. Tasks with a zero row cannot
-  satisfy the condition and are left out. Returns `(alpha, ok)`: `ok[i]` is true where task i
-  has a nonzero row, every iterate stayed finite and positive, ||d||^2 = b^T C b (K at the
-  fixed point) is above its rounding level, and the iterate was accepted or
-  (in the quadratic region, lambda < 1/2, so F is bounded below) has lower F than `prev`.
-  Where `ok` is false, alpha is 1.
+  Stops, and accepts the iterate, when max_i |rho_i| < tol, or when lambda <= 0.1 is at its
+  rounding level (F - F* <= lambda^2 then; nearly opposite rows leave |rho| ~ 1e-2 in float32):
+  lambda <= sqrt(|y|^T e), e_i = eps b_i (|C| b)_i the rounding level of rho_i (an error e in
+  rho moves lambda^2 by ~2 |y|^T e), or a full step from lambda' <= 0.1 left lambda above
+  lambda' / 4 (exact arithmetic guarantees (lambda' / (1 - lambda'))^2 < lambda' / 8; Nesterov
+  2004, Sec. 4.1.5); or after `max_iter` steps. Tasks with a zero row cannot satisfy the condition
+  and are left out.
+
+  Args:
+    m: `(K, K)` Gram matrix M.
+    max_iter: cap on the Newton steps.
+    tol: accept when max_i |alpha_i (M alpha)_i - 1| < tol.
+    prev: `(K,)` previous weights to start from, or None.
+
+  Returns:
+    `(alpha, ok)`: `ok[i]` is true where task i has a nonzero row, every iterate stayed finite
+    and positive, ||d||^2 = b^T C b (K at the fixed point) is above its rounding level, and the
+    iterate was accepted or (in the quadratic region, lambda < 1/2, so F is bounded below) has
+    lower F than `prev`. Where `ok` is false, alpha is 1.
+
+  References:
+    Navon et al. 2022, "Multi-Task Learning as a Bargaining Game", arXiv:2202.01017, Eq. 5;
+    Nesterov 2004, "Introductory Lectures on Convex Optimization", Sec. 4.1.4-4.1.5 (Newton's
+    method on self-concordant functions).
   """
+  return _nash_solve(m, max_iter=max_iter, tol=tol, prev=prev)[:2]
+
+
+def _nash_solve(m: jax.Array, *, max_iter: int = 20, tol: float = 1e-4,
+                prev: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`nash_weights`, and the number of loop steps it ran (Newton steps, plus 1 if it stopped
+  by accepting the iterate)."""
   k = m.shape[0]
   norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
   active = norms > 1e-12 * jnp.max(norms)
@@ -337,48 +394,72 @@ def nash_weights(
   def objective(b):
     return 0.5 * b @ c @ b - jnp.sum(jnp.log(jnp.where(b > 0, b, 1.0)))
 
-  def newton_step(b):
-    residual = c @ b - 1.0 / b
-    step = -jnp.linalg.solve(c + jnp.diag(1.0 / b**2), residual)
-    return step, jnp.sqrt(jnp.maximum(-residual @ step, 0.0))
+  def newton_step(b):  # (rho, y, lambda): B^-1 H B^-1 = B C B + I, B grad F = rho
+    rho = b * (c @ b) - 1.0
+    factor = jax.scipy.linalg.cho_factor(b[:, None] * c * b[None, :] + jnp.eye(k, dtype=m.dtype),
+                                         lower=True)
+    y = -jax.scipy.linalg.cho_solve(factor, rho)
+    return rho, y, jnp.sqrt(jnp.maximum(-rho @ y, 0.0))
 
-  def accepted(b, decrement):
-    error = jnp.max(jnp.abs(b * (c @ b) - 1.0))
-    floor = 4.0 * eps * jnp.linalg.norm(b * (jnp.abs(c) @ b))
-    return (error < tol) | (decrement <= jnp.minimum(0.1, floor))
+  def accepted(b, rho, y, decrement, last):
+    # An error e in rho changes lambda^2 = -rho^T y by about 2 |y|^T e.
+    floor = jnp.sqrt(eps * jnp.abs(y) @ (b * (jnp.abs(c) @ b)))
+    # After a full step from lambda' <= 0.1, lambda <= (lambda' / (1 - lambda'))^2 < lambda' / 8
+    # in exact arithmetic; above lambda' / 4, rounding (of rho or of the solve) dominates.
+    stalled = (last <= 0.1) & (decrement > 0.25 * last)
+    return ((jnp.max(jnp.abs(rho)) < tol) | (decrement <= jnp.minimum(0.1, floor))
+            | (stalled & (decrement <= 0.1)))
 
   def body(carry):
-    b, it, _ = carry
-    step, decrement = newton_step(b)
-    b_new = b + jnp.where(decrement < 0.5, 1.0, 1.0 / (1.0 + decrement)) * step
+    b, it, _, last, _, _ = carry
+    rho, y, decrement = newton_step(b)
+    s = b * y
+    t = jnp.where(decrement < 0.5, 1.0, _nash_step(jnp.maximum(s @ c @ s, 0.0), y, decrement))
+    b_new = b * (1.0 + t * y)
     good = jnp.all(jnp.isfinite(b_new)) & jnp.all(b_new > 0)
-    stop = accepted(b, decrement) | ~good
-    return jnp.where(stop, b, b_new), it + 1, stop
+    done = accepted(b, rho, y, decrement, last)
+    stop = done | ~good
+    return (jnp.where(stop, b, b_new), it + 1, stop,
+            jnp.where(stop, last, jnp.where(decrement < 0.5, decrement, jnp.inf)), done, decrement)
 
   def best_multiple(v):  # argmin_t F(t v) = sqrt(K / v^T C v)
     return v * jnp.sqrt(k / jnp.maximum(v @ c @ v, 1.0 / k))
 
+  def lower(a, b):
+    return jnp.where(objective(b) < objective(a), b, a)
+
   b0 = best_multiple(jnp.ones((k,), m.dtype))
+  # The 2 x 2 problem of rows i, j has b_i = b_j = (1 + c_ij)^-1/2.
+  gap = jnp.min(jnp.where(both & ~jnp.eye(k, dtype=bool), 1.0 + c, jnp.inf), axis=1)
+  b0 = lower(b0, best_multiple(jnp.where(jnp.isfinite(gap),
+                                         jax.lax.rsqrt(jnp.maximum(gap, k * eps)), 1.0)))
   if prev is not None:
     p = prev.astype(m.dtype) * norms
     usable = jnp.all(jnp.isfinite(p)) & jnp.all(jnp.where(active, p > 0, True))
     p = best_multiple(jnp.where(active & usable, p, 1.0))
-    b0 = jnp.where(usable & (objective(p) < objective(b0)), p, b0)
+    b0 = jnp.where(usable, lower(b0, p), b0)
   cond = lambda carry: ~carry[2] & (carry[1] < max_iter)
-  b, _, _ = jax.lax.while_loop(cond, body, (b0, jnp.array(0), jnp.array(False)))
+  inf, false = jnp.array(jnp.inf, m.dtype), jnp.array(False)
+  b, steps, stopped, last, done, decrement = jax.lax.while_loop(
+      cond, body, (b0, jnp.array(0), false, inf, false, inf))
   # Below its rounding level K eps b^T |C| b, Nash's set is empty but for rounding (no direction
   # improves every task) and d would be rounding noise.
   resolved = b @ c @ b > k * eps * (b @ jnp.abs(c) @ b)
   valid = jnp.all(jnp.isfinite(b)) & jnp.all(b > 0) & resolved
-  decrement = newton_step(b)[1]
-  converged = valid & accepted(b, decrement)
+
+  def check():  # the loop ran out of steps: b is not tested yet
+    rho, y, decrement = newton_step(b)
+    return accepted(b, rho, y, decrement, last), decrement
+
+  done, decrement = jax.lax.cond(stopped, lambda: (done, decrement), check)
+  converged = valid & done
   if prev is not None:  # bounded (decrement < 1/2: F - F* <= decrement^2) and better than prev
     p = prev.astype(m.dtype) * norms
     p_ok = jnp.all(jnp.isfinite(p)) & jnp.all(jnp.where(active, p > 0, True))
     better = objective(b) < objective(jnp.where(active, p, 1.0))
     converged = converged | (valid & p_ok & (decrement < 0.5) & better)
   ok = active & converged
-  return jnp.where(ok, b * inv, 1.0), ok
+  return jnp.where(ok, b * inv, 1.0), ok, steps
 
 
 def fair_weights(

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from mtl_optax import solvers
 from mtl_optax import tree as tree_lib
 from mtl_optax.checks import check_positive_int
 from mtl_optax.grad.base import gram_aggregator
+
+
+class FairGradState(NamedTuple):
+  # Whether the last solve met its tolerance for every task with a nonzero row; where it did
+  # not, w is Newton's last iterate or, without a solution, MGDA's weights
+  # (`mtl_optax.with_diagnostics` counts these fallbacks).
+  converged: jax.Array | bool = True
 
 
 def fairgrad_weights(gram: jax.Array, alpha: float = 1.0, *, max_iter: int = 50,
@@ -61,10 +70,12 @@ def fairgrad(
   equation has a solution. LibMTL solves it with SciPy's `least_squares` from w = 1/K on the
   host; here `fairgrad_weights` solves it exactly inside jit (damped Newton on a convex
   reformulation). As in LibMTL the weights multiply the losses, so task-specific leaves get
-  sum_i w_i row_i too. Stateless: every step solves from scratch, as LibMTL does. Where the
-  equation has no solution (0 a nonnegative combination of the rows, e.g. two opposite rows),
-  Newton's iterate runs off to infinity; the weights are then MGDA's min-norm weights
-  (`solvers.fair_weights`), finite and non-conflicting.
+  sum_i w_i row_i too. Every step solves from scratch, as LibMTL does. Where the equation has
+  no solution (0 a nonnegative combination of the rows, e.g. two opposite rows), Newton's
+  iterate runs off to infinity; the weights are then MGDA's min-norm weights
+  (`solvers.fair_weights`), finite and non-conflicting. Such a step, or one that stops short of
+  `tol` after `max_iter` steps, is reported: `FairGradState.converged` is False (counted by
+  `mtl_optax.with_diagnostics` as a fallback).
 
   Args:
     num_tasks: K.
@@ -77,7 +88,8 @@ def fairgrad(
   Returns:
     An `optax.GradientTransformationExtraArgs` from stacked per-task gradients (leading axis K
     on every leaf) to one gradient shaped like the parameters; its state is a
-    `BalancerState` holding the last weights.
+    `BalancerState` holding the last weights around a `FairGradState` (whether the solve
+    converged, read by `mtl_optax.with_diagnostics`).
 
   References:
     Ban & Ji 2024, "Fair Resource Allocation in Multi-Task Learning", ICML,
@@ -96,10 +108,12 @@ def fairgrad(
     raise ValueError(f"fairgrad: alpha must be > 0, got {alpha!r}.")
 
   def weights(m, state, losses):
-    del losses
-    w = fairgrad_weights(m, alpha, max_iter=max_iter, tol=tol)
-    return w, w, state
+    del state, losses
+    w, ok = solvers.fair_weights(m, alpha, max_iter=max_iter, tol=tol)
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(m), 0.0))
+    active = norms > 1e-12 * jnp.max(norms)  # zero rows have no solution (solvers.py)
+    return w, w, FairGradState(jnp.all(ok | ~active))
 
   # w(t^2 M) = t^(-2 alpha / (1 + alpha)) w(M), so d(t G) = t^h d(G), h = (1 - alpha) / (1 + alpha).
-  return gram_aggregator("fairgrad", num_tasks, lambda params: optax.EmptyState(), weights,
-                         shared=shared, homogeneity=(1 - alpha) / (1 + alpha))
+  return gram_aggregator("fairgrad", num_tasks, lambda params: FairGradState(jnp.array(True)),
+                         weights, shared=shared, homogeneity=(1 - alpha) / (1 + alpha))
