@@ -9,7 +9,8 @@ Every registered balancer (loss and gradient), jitted, K = 3 (Krum: 4, as it nee
 
 - `test_absent_task_is_the_method_without_it`: on random stacked rows, the update with task j
   marked absent equals the update of the method built for K - 1 tasks on the other rows, from a
-  fresh state and after warm-up steps (the K - 1 state sliced from the K state), the absent
+  fresh state and after warm-up steps (the K - 1 state sliced from the K state; a state on the
+  simplex renormalized), the absent
   task's weight is 0 and its per-task state entries (leaves with leading axis K) are unchanged.
   Methods that draw random numbers (the draws of a K - 1 build differ) and those whose state
   cannot be sliced (see `NOT_SLICED`) are checked for weight 0, finiteness and untouched state.
@@ -55,14 +56,14 @@ NOT_COMPARABLE = {"constant": "fixed per-task weights: the present tasks keep th
 # (or summing to K), the present tasks' part is renormalized by the method itself, so the
 # K - 1 build would need the renormalized slice; from a fresh state they are compared.
 NOT_SLICED = {
-    "moco": "lambda on the simplex: the present part is renormalized",
-    "modo": "lambda on the simplex: the present part is renormalized",
-    "sdmgrad": "w on the simplex: the present part is renormalized",
     "gradnorm": "weights summing to K: the present ones keep their sum",
     "excess_mtl": "log-weights normalized over K tasks",
     "famo": "the logit step for the previous step needs every task's loss change: skipped on "
             "a step with an absent task (the K - 1 build takes it)",
 }
+# States on the simplex: the method steps from the present part renormalized (and keeps its
+# mass), so the K - 1 state is the slice renormalized.
+SIMPLEX_STATE = {"moco": "weights", "modo": "lambd", "sdmgrad": "w"}
 # Per-task state entries of these methods are checked by the method's own tests: IGBv2's
 # agent has K-sized axes of another meaning.
 NOT_PER_TASK = {"igb_v2"}
@@ -122,14 +123,21 @@ def per_task(state, k):
           if x.ndim >= 1 and x.shape[0] == k and x.dtype != bool]
 
 
-def sliced(state, keep, k):
-  """The K - 1 state: per-task leaves sliced (both axes of a K x K leaf)."""
+def sliced(state, keep, k, name):
+  """The K - 1 state: per-task leaves sliced (both axes of a K x K leaf), a simplex state
+  renormalized (`SIMPLEX_STATE`)."""
   def cut(x):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or x.ndim == 0 or x.shape[0] != k:
       return x
     x = x[keep]
     return x[:, keep] if x.ndim >= 2 and x.shape[1] == k else x
-  return jax.tree.map(cut, state)
+  state = jax.tree.map(cut, state)
+  if name in SIMPLEX_STATE:
+    field = SIMPLEX_STATE[name]
+    part = getattr(state.inner, field)  # no mass left: uniform, as the method takes it
+    part = jnp.where(jnp.sum(part) > 0, part / jnp.sum(part), 1.0 / part.shape[0])
+    state = state._replace(inner=state.inner._replace(**{field: part}))
+  return state
 
 
 def warm_up(name, k, steps, seed=0):
@@ -180,7 +188,7 @@ def test_absent_task_is_the_method_without_it(name):
           np.testing.assert_array_equal(new[j], old[j], err_msg=f"{what}: its state moved")
       if not comparable or (warm and name in NOT_SLICED):
         continue
-      less_state = tx_less.init(PARAMS) if warm == 0 else sliced(state, keep, k)
+      less_state = tx_less.init(PARAMS) if warm == 0 else sliced(state, keep, k, name)
       less_rows = jax.tree.map(lambda x: x[keep], rows)
       out_less, weights_less, _ = step_less(less_rows, less_state, losses[keep],
                                             jnp.ones((k - 1,), bool))
