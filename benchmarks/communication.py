@@ -51,15 +51,17 @@ class Collective(NamedTuple):
   elements: int   # elements of its result on one device (all arrays of a tuple result)
   bytes: int      # bytes of its result on one device
   count: int      # times it runs per call of the compiled program
-  exact: bool     # False if a loop around it has no known trip count, or it is in a branch
+  exact: bool     # False if a loop around it has no known trip count
 
 
 def collectives(hlo: str) -> list[Collective]:
   """Every collective of a compiled HLO module's text, reached from its entry computation.
 
   The result size is the reduced array for all-reduce, the gathered array for all-gather and
-  the shard for reduce-scatter. Loop bodies count trip-count times; both branches of a
-  conditional count (an upper bound, marked `exact=False`).
+  the shard for reduce-scatter. Loop bodies count trip-count times. A conditional counts its
+  branch with the fewest bytes: the library's conditionals skip work on the usual step (rows of
+  a Gram matrix formed again at an extreme scale, a gradient formed row by row when a task's
+  row is not finite), so the cheapest branch is the step's; the others run only then.
   """
   bodies: dict[str, list[str]] = {}
   entry, current = None, None
@@ -73,9 +75,8 @@ def collectives(hlo: str) -> list[Collective]:
   if entry is None:
     raise ValueError("collectives: no ENTRY computation in this HLO text.")
 
-  found: list[Collective] = []
-
-  def visit(name: str, count: int, exact: bool, stack: tuple[str, ...]) -> None:
+  def visit(name: str, count: int, exact: bool, stack: tuple[str, ...],
+            found: list[Collective]) -> None:
     for line in bodies.get(name, ()):
       match = _INSTRUCTION.match(line)
       if match is None:
@@ -92,18 +93,28 @@ def collectives(hlo: str) -> list[Collective]:
       if op in ("async-update", "async-done"):  # their computation counts at async-start
         continue
       trips = _TRIP_COUNT.search(line)
+      branches = [callee for role, callee in _CALLED.findall(line)
+                  if role.endswith("_computation")]
       for role, callee in _CALLED.findall(line):
-        if callee in stack or (role == "to_apply" and op != "call"):  # reducers: no collectives
+        if (callee in stack or role.endswith("_computation")
+            or (role == "to_apply" and op != "call")):  # reducers: no collectives
           continue
         loop = role in ("body", "condition")
         times = int(trips.group(1)) if loop and trips else 1
-        branch = role.endswith("_computation")
-        visit(callee, count * times, exact and not branch and (not loop or trips is not None),
-              stack + (callee,))
-      for branches in _BRANCHES.findall(line):
-        for callee in re.findall(r"%([\w.-]+)", branches):
-          visit(callee, count, False, stack + (callee,))
-  visit(entry, 1, True, (entry,))
+        visit(callee, count * times, exact and (not loop or trips is not None),
+              stack + (callee,), found)
+      for listed in _BRANCHES.findall(line):
+        branches += re.findall(r"%([\w.-]+)", listed)
+      options = []
+      for callee in branches:
+        if callee not in stack:
+          options.append([])
+          visit(callee, count, exact, stack + (callee,), options[-1])
+      if options:
+        found.extend(min(options, key=lambda ops: sum(op.bytes * op.count for op in ops)))
+
+  found: list[Collective] = []
+  visit(entry, 1, True, (entry,), found)
   return found
 
 

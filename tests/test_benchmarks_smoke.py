@@ -312,3 +312,26 @@ def test_nnx_heads_smoke(tmp_path):
   assert set(nnx_heads.METHODS) <= set(table)
   assert table[nnx_heads.BASELINE][1] == table[nnx_heads.BASELINE][3] == "1.00"
   assert all(float(c) > 0 for m in nnx_heads.METHODS for c in table[m])
+
+
+def test_collectives_count_the_cheapest_branch_of_a_conditional():
+  """A conditional counts the branch with the fewest bytes (the usual step's: the library's
+  conditionals skip work then); loops count their trip count."""
+  from benchmarks.communication import collectives
+  hlo = "\n".join([
+      "%cheap (p: f32[4]) -> f32[4] {",
+      "  ROOT %a = f32[4]{0} all-reduce(f32[4]{0} %p), to_apply=%add",
+      "}",
+      "%rare (p: f32[4]) -> f32[4] {",
+      "  %b = f32[64]{0} all-gather(f32[4]{0} %p), dimensions={0}",
+      "  ROOT %c = f32[4]{0} all-reduce(f32[4]{0} %p), to_apply=%add",
+      "}",
+      "ENTRY %main (x: f32[4], q: pred[]) -> f32[4] {",
+      "  %d = f32[8]{0} all-reduce(f32[8]{0} %x), to_apply=%add",
+      "  ROOT %e = f32[4]{0} conditional(pred[] %q, f32[4]{0} %x, f32[4]{0} %x), "
+      "true_computation=%cheap, false_computation=%rare",
+      "}",
+  ])
+  ops = collectives(hlo)
+  assert [(op.kind, op.elements, op.exact) for op in ops] == [
+      ("all-reduce", 8, True), ("all-reduce", 4, True)]

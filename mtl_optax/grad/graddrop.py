@@ -71,12 +71,8 @@ def graddrop(num_tasks: int, leak: float | jax.Array = 0.0, *, key: jax.Array | 
   if leak.ndim > 1:
     raise ValueError(f"graddrop: leak must be a float or a vector of K floats, got {leak.shape}.")
 
-  def aggregate(rows, state, losses, params, axis_name=None):
+  def aggregate(rows, state, losses, params):
     del losses, params
-    if axis_name is not None:
-      raise ValueError("graddrop draws one number per row entry, so it cannot run on rows split "
-                       "over devices (axis_name); under jit with NamedSharding its draws are "
-                       "those of one device.")
     key, sub = jax.random.split(state.key)
     leaves, treedef = jax.tree.flatten(rows)
     keys = jax.random.split(sub, len(leaves))
@@ -84,5 +80,14 @@ def graddrop(num_tasks: int, leak: float | jax.Array = 0.0, *, key: jax.Array | 
            for leaf, leaf_key in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, out), jnp.ones((num_tasks,)), None, GradDropState(key)
 
-  return aggregator("graddrop", num_tasks, lambda params: GradDropState(as_key(key)), aggregate,
-                    shared=shared)
+  balancer = aggregator("graddrop", num_tasks, lambda params: GradDropState(as_key(key)),
+                        aggregate, shared=shared)
+
+  def update(updates, state, params=None, **extra_args):
+    if extra_args.get("axis_name") is not None:
+      raise ValueError("graddrop draws one number per row entry, so it cannot run on rows split "
+                       "over devices (axis_name); under jit with NamedSharding its draws are "
+                       "those of one device.")
+    return balancer.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(balancer.init, update)
