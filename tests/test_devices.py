@@ -82,15 +82,17 @@ def test_communication_per_step(default_run):
     assert row["total"] > 0
     # Never a stacked K x P tree gathered: no all-gather larger than one parameter leaf.
     assert row["largest_all_gather"] <= row["largest_param"], (mesh, engine, path, row)
-  # Data parallel under shard_map, in float32 numbers: EW reduces one gradient (P numbers);
+  # Data parallel under shard_map, in 4-byte numbers: EW reduces one gradient (P numbers);
   # the stacked path K rows; the Gram-only path the K rows of the shared leaves (inside the
   # Gram matrix's computation), K x K Gram entries and one gradient; the representation path
-  # the K x K Gram matrix of z-rows, the heads' K rows and the trunk's gradient.
+  # the K x K Gram matrix of z-rows, the heads' K rows and the trunk's gradient. The balanced
+  # paths also reduce the K losses (read to find which tasks take part), and the representation
+  # path, whose rows are split over the devices, K flags: is each task's row finite everywhere.
   k, p, shared = (rows[("8 x 1", "shard_map", "ew")][n] for n in ("K", "params", "shared"))
   numbers = {path: rows[("8 x 1", "shard_map", path)]["total"] // 4 for path in
              ("ew", "stacked", "gram", "representation")}
-  assert numbers == {"ew": p, "stacked": k * p, "gram": k * shared + k * k + p,
-                     "representation": shared + k * (p - shared) + k * k}
+  assert numbers == {"ew": p, "stacked": k * p + k, "gram": k * shared + k * k + p + k,
+                     "representation": shared + k * (p - shared) + k * k + 2 * k}
   # The detector sees a gathered stacked tree when there is one.
   control = next(x["control"] for x in default_run if "control" in x)
   assert control["largest_all_gather"] > 2 * control["largest_param"], control
