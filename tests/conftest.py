@@ -24,6 +24,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 # Each entry: alternatives, the first one the installed jaxlib accepts is kept (none: skipped).
 CANDIDATES = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
               "--xla_cpu_parallel_codegen_split_count=1 "
@@ -80,3 +82,26 @@ if not os.environ.get(_DONE):
   _flags = supported_flags(os.environ.get("MTL_OPTAX_TEST_XLA_FLAGS", CANDIDATES), _base)
   os.environ["XLA_FLAGS"] = f"{_base} {' '.join(_flags)}".strip()
   os.environ[_DONE] = "1"
+
+
+# Tests parametrized over the registry (`name` or `method` a registry name) run, by default, on
+# this set, which has a method of every kind: loss balancers stateless, stateful, random and
+# log-taking; gradient balancers solver-based, stateful, random, Gram-based and not.
+# `pytest -m slow` runs every other method too (CI runs both).
+CORE = frozenset({"ew", "gls", "igb_v1", "famo", "rlw",
+                  "mgda", "nash_mtl", "upgrad", "pcgrad", "db_mtl", "graddrop"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Marks the registry-sweep cases outside `CORE` slow (before `-m` deselects)."""
+  from mtl_optax import registry
+  names = set(registry.names())
+  for item in items:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+      continue
+    values = [v for k, v in callspec.params.items() if k in ("name", "method")]
+    if any(isinstance(v, str) and v in names and v not in CORE for v in values):
+      item.add_marker(pytest.mark.slow)
+

@@ -61,6 +61,7 @@ def default_run() -> list[dict]:
   return run_child()
 
 
+@pytest.mark.slow  # 75 s of set-up (a child process compiling every method on 8 devices): CI
 def test_every_balancer_on_eight_devices_equals_one_device(default_run):
   checks = [r for r in default_run if "name" in r]
   assert not failures(checks), failures(checks)
@@ -72,6 +73,7 @@ def test_every_balancer_on_eight_devices_equals_one_device(default_run):
   assert {r["mode"] for r in checks if r["path"] == "representation"} == set(MODES)
 
 
+@pytest.mark.slow  # shares that set-up; CI runs both
 def test_communication_per_step(default_run):
   rows = {(r["mesh"], r["engine"], r["path"]): r
           for r in (x["communication"] for x in default_run if "communication" in x)}
