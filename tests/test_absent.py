@@ -40,6 +40,8 @@ import mtl_optax
 from mtl_optax import registry
 from mtl_optax.rows import StackedRows
 from mtl_optax.state import BalancerState, effective_weights
+import tiny_model
+from tiny_model import MASK, encode, heads, task_losses
 
 N = 5  # parameters per row (not K, so that state leaves of shape (K, N) are told apart)
 NAMES = registry.names()
@@ -247,31 +249,12 @@ def test_one_bad_step(name):
 # -- through value_and_grad on the three paths --
 
 D, H, B = 3, 4, 8
-MASK = {"trunk": True, "heads": False}
 FAST = ("mgda", "db_mtl", "gls", "trimmed_mean")  # the default run; the rest: -m slow
 
 
 def model(k):
-  rng = np.random.default_rng(k)
-  params = {"trunk": jnp.asarray(rng.normal(size=(D, H)) * 0.7, jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=(k, H)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(B, k)) * np.logspace(-1, 1, k), jnp.float32)
-  return params, x, y
+  return tiny_model.model(k, k, d=D, h=H, b=B)
 
-
-def encode(params, x, y):
-  del y
-  return jnp.tanh(x @ params["trunk"])
-
-
-def heads(params, z, x, y):
-  del x
-  return jnp.mean((z @ params["heads"].T - y) ** 2, axis=0) + 0.05
-
-
-def task_losses(params, x, y):
-  return heads(params, encode(params, x, y), x, y)
 
 
 def paths(name):

@@ -15,32 +15,15 @@ import pytest
 import mtl_optax
 from covering import covering
 from mtl_optax.state import weights_product
+import tiny_model
+from tiny_model import MASK, encode, heads, task_losses
 
 D, H, B = 4, 6, 16
-MASK = {"trunk": True, "heads": False}
 
 
 def model(k, seed=0):
-  rng = np.random.default_rng(seed)
-  params = {"trunk": jnp.asarray(rng.normal(size=(D, H)) * 0.7, jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=(k, H)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(B, k)) * np.logspace(-1, 1, k), jnp.float32)
-  return params, x, y
+  return tiny_model.model(k, seed, d=D, h=H, b=B)
 
-
-def encode(params, x, y):
-  del y
-  return jnp.tanh(x @ params["trunk"])
-
-
-def heads(params, z, x, y):
-  del x
-  return jnp.mean((z @ params["heads"].T - y) ** 2, axis=0) + 0.05
-
-
-def task_losses(params, x, y):
-  return heads(params, encode(params, x, y), x, y)
 
 
 def gram_based(k, shared):

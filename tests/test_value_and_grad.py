@@ -17,34 +17,17 @@ import scipy.optimize
 import mtl_optax
 from mtl_optax import registry
 from covering import covering
+import tiny_model
+from tiny_model import MASK, encode, heads, task_losses
 
 D, H, B = 4, 6, 8
-MASK = {"trunk": True, "heads": False}
 KS = [2, 5, 11]
 PATHS = ["stacked", "gram", "representation"]
 
 
 def model(k, seed=0):
-  rng = np.random.default_rng(seed)
-  params = {"trunk": jnp.asarray(rng.normal(size=(D, H)) * 0.7, jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=(k, H)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(B, k)) * np.logspace(-1, 1, k), jnp.float32)
-  return params, x, y
+  return tiny_model.model(k, seed, d=D, h=H, b=B)
 
-
-def encode(params, x, y):
-  del y
-  return jnp.tanh(x @ params["trunk"])
-
-
-def heads(params, z, x, y):
-  del x
-  return jnp.mean((z @ params["heads"].T - y) ** 2, axis=0) + 0.05
-
-
-def task_losses(params, x, y):
-  return heads(params, encode(params, x, y), x, y)
 
 
 def mask_fn(params):

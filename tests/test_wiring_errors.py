@@ -5,38 +5,20 @@ Model (batch 8): z = tanh(x W) (the encoder), L_i = mean_b (z_b . h_i - y_bi)^2 
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import mtl_optax
+import tiny_model
+from tiny_model import MASK, encode, heads, task_losses
 
 K, D, H, B = 3, 4, 6, 8
-MASK = {"trunk": True, "heads": False}
 
 
 def model(seed=0):
-  rng = np.random.default_rng(seed)
-  params = {"trunk": jnp.asarray(rng.normal(size=(D, H)) * 0.7, jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=(K, H)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(B, K)), jnp.float32)
-  return params, x, y
+  return tiny_model.model(K, seed, d=D, h=H, b=B, spread=False)
 
-
-def encode(params, x, y):
-  del y
-  return jnp.tanh(x @ params["trunk"])
-
-
-def heads(params, z, x, y):
-  del x
-  return jnp.mean((z @ params["heads"].T - y) ** 2, axis=0) + 0.05
-
-
-def task_losses(params, x, y):
-  return heads(params, encode(params, x, y), x, y)
 
 
 REP = mtl_optax.value_and_representation_jacrev(encode, heads, shared=MASK)
