@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import hashlib
+import json
 import shlex
 import sys
 import time
@@ -280,27 +282,34 @@ def benchmark(ds: data.Dataset, model: models.MultiHead, chosen: dict[str, metho
               split: str = "test", progress: bool = True, plateau: bool = False,
               stl: str = "train", diagnostics: bool = False, also_test: bool = False,
               on_result: Callable[[dict[str, Result], int], None] | None = None,
-              **train_args: Any) -> dict[str, Result]:
+              done: dict[str, Result] | None = None, **train_args: Any) -> dict[str, Result]:
   """STL, EW and every chosen method, each over the seeds; results keyed by method name.
   `plateau`: the seeds recipe's learning-rate schedule (`Plateau` on `seeds_score`).
   `stl="paper"`: no STL runs; the baseline is Navon et al.'s STL test MAE (`QM9_REFERENCE_STL`,
   QM9 with atomization energies only). `on_result(results, remaining)`: called after each
-  method with the results so far (a partial table survives a run cut short)."""
+  method with the results so far (a partial table survives a run cut short). `done`: results
+  of an earlier run of the same code and settings (`--resume`), not run again."""
   schedule = Plateau(seeds_score(ds, model)) if plateau else None
   run = lambda factory, desc, **kw: train(ds, model, factory, desc=desc,  # noqa: E731
                                           progress=progress, plateau=schedule,
                                           **train_args, **kw)
   k, ew = len(ds.task_names), methods.registry()["ew"]
+  done = done or {}
   if stl == "paper":
     results = {"stl": Result((QM9_REFERENCE_STL / QM9_MEV)[None], float("nan"))}
   elif stl == "ew":  # no STL runs: Delta_m against this run's EW (filled in below)
     results = {}
+  elif "stl" in done:
+    results = {"stl": done["stl"]}
   else:
     params, seconds = run(ew, "stl", task_weights=np.eye(k, dtype=np.float32))
     per_run = evaluate(ds, model, params, split).reshape(-1, k, k)  # (seeds, run k, task)
     results = {"stl": Result(np.diagonal(per_run, axis1=1, axis2=2), seconds)}
   todo = {n: f for n, f in {"ew": ew, **chosen}.items() if methods.accepts(n, k)}
   for name in tqdm(todo, desc=f"{ds.name} methods", disable=not progress):
+    if name in done:
+      results[name] = done[name]
+      continue
     params, seconds, *history = run(todo[name], name, diagnostics=diagnostics)
     results[name] = Result(evaluate(ds, model, params, split), seconds,
                            history[0] if history else None,
@@ -383,6 +392,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="tiny data and model, 1 epoch; prints the table, writes only to --out")
   p.add_argument("--out", type=Path, help="the Markdown file (default results/<dataset>.md)")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--resume", action="store_true",
+                 help="continue a run cut short: the methods an earlier run of the same command "
+                      "on the same code finished (kept in <out>.resume.json) are not run again")
   p.add_argument("--also-test", action="store_true",
                  help="with --split val and --stl ew: also evaluate on test, a second table "
                  "<out>_test.md (pick on val, read the pick on test, one training run)")
@@ -396,9 +408,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+def fingerprint(argv: list[str]) -> str:
+  """A hash of the command (without `--resume`), the library's and the benchmarks' sources and
+  the jax version: a resumed run continues only the same run of the same code."""
+  root = Path(__file__).resolve().parents[1]
+  h = hashlib.sha256(shlex.join(a for a in argv if a != "--resume").encode())
+  h.update(f"jax {jax.__version__} {jax.devices()[0].platform}".encode())
+  for path in sorted([*(root / "mtl_optax").rglob("*.py"), *(root / "benchmarks").glob("*.py")]):
+    h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+  return h.hexdigest()
+
+
+def save_finished(path: Path, key: str, results: dict[str, Result]) -> None:
+  """The finished methods' metrics and times, for `--resume` (diagnostics are not kept)."""
+  finished = {n: {"metrics": r.metrics.tolist(), "seconds": r.seconds,
+                  "test": None if r.test is None else r.test.tolist()}
+              for n, r in results.items()}
+  path.write_text(json.dumps({"fingerprint": key, "results": finished}))
+
+
+def load_finished(path: Path, key: str) -> dict[str, Result]:
+  """The methods an earlier run of the same command on the same code finished."""
+  if not path.exists():
+    return {}
+  saved = json.loads(path.read_text())
+  if saved["fingerprint"] != key:
+    raise SystemExit(f"--resume: {path.name} was written by another command or other code; "
+                     "delete it to start again")
+  return {n: Result(np.asarray(r["metrics"]), r["seconds"],
+                    test=None if r["test"] is None else np.asarray(r["test"]))
+          for n, r in saved["results"].items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
   args = parse_args(argv)
-  command = "python benchmarks/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else argv
+  command = "python benchmarks/run.py " + shlex.join(a for a in argv if a != "--resume")
   names = list(data.LOADERS) if args.dataset == "all" else [args.dataset]
   everything = {}
   for name in names:
@@ -430,12 +475,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
       out = out.with_name(f"{out.stem}_{name}{out.suffix}") if len(names) > 1 else out
       out.parent.mkdir(parents=True, exist_ok=True)
 
-    def partial(results, remaining, out=out, ds=ds, run_args=run_args):
+    if args.resume and (out is None or watch):
+      raise SystemExit("--resume needs an output file and keeps no diagnostics (no "
+                       "--diagnostics or --plots)")
+    sidecar = None if out is None else out.with_suffix(".resume.json")
+    key = fingerprint([*argv, name])
+    done = load_finished(sidecar, key) if args.resume else {}
+
+    def partial(results, remaining, out=out, ds=ds, run_args=run_args, sidecar=sidecar, key=key):
       if out is not None and remaining:  # the finished methods' table while the run goes on
         out.write_text(report(ds, results, run_args, command)
                        + f"\nPartial: {remaining} more method(s) still running.\n")
+        if not watch:
+          save_finished(sidecar, key, results)
     results = benchmark(ds, model, chosen, split=run_args.split, plateau=run_args.plateau,
-                        stl=args.stl, on_result=partial, vmap_runs=run_args.runs == "vmap",
+                        stl=args.stl, on_result=partial, done=done,
+                        vmap_runs=run_args.runs == "vmap",
                         diagnostics=watch, also_test=args.also_test,
                         progress=not args.no_progress, seeds=run_args.seeds,
                         epochs=run_args.epochs, batch_size=run_args.batch_size, lr=run_args.lr)
@@ -443,6 +498,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
     print(text)
     if out is not None:
       out.write_text(text)
+      if sidecar.exists():
+        sidecar.unlink()
       if args.also_test:
         if args.stl == "train":
           raise SystemExit("--also-test needs --stl ew (STL is evaluated on one split)")

@@ -5,9 +5,9 @@ weights w of the update d = sum_i w_i g_i (`diagnostics_from_gram`), or, for met
 not Gram-based, from the rows and d themselves (`diagnostics_from_rows`). Both are pure, work
 under `jit` and `vmap`, and never return NaN for zero, duplicated or opposite rows.
 
-`with_diagnostics(balancer, num_tasks)` records them in the state at every step, on all three
-paths (stacked Jacobian, Gram-only `GramRows`, representation rows: there those of the z-rows),
-without changing the update. It costs nothing unless used.
+`with_diagnostics(balancer, num_tasks)` records them in the state at every step (or every N-th:
+`every=N`), on all three paths (stacked Jacobian, Gram-only `GramRows`, representation rows:
+there those of the z-rows), without changing the update. It costs nothing unless used.
 
 Definitions (Zhou et al. 2025, "Injecting Imbalance Sensitivity for Multi-Task Learning",
 arXiv:2503.08006, Definitions 1-3):
@@ -273,13 +273,12 @@ def _present(extra_args: dict, finite: jax.Array, num_tasks: int,
 
 
 def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
-                     shared: tree_lib.MaskOrFn = None,
+                     shared: tree_lib.MaskOrFn = None, every: int = 1,
                      tol: float = TOL) -> optax.GradientTransformationExtraArgs:
   """`balancer` with the diagnostics of each update kept in its state (`DiagnosticsState`).
 
-  The update is `balancer`'s, unchanged (bitwise on the stacked and representation paths; on
-  the Gram-only path the same computation, which XLA may compile differently inside the larger
-  program: equal to rounding); the wrapper reads the rows it received and the update it made:
+  The update is `balancer`'s, bitwise (tested on all three paths); the wrapper reads the rows
+  it received and the update it made:
 
   - Gram-only path (`GramRows`): the Gram matrix the balancer computed (the same computation,
     kept once; a balancer that never reads it, e.g. a loss balancer alone, makes the wrapper
@@ -295,6 +294,10 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
     num_tasks: K.
     shared: the shared parameters, as for the balancer (pass the same mask). On the Gram-only
       path the balancer's own mask is used.
+    every: record the diagnostics on the first step and every `every`-th after it (a
+      `lax.cond`: the other steps skip their cost and keep the last record, as a training loop
+      that logs every N steps needs); `fallbacks` still counts every step. Under `vmap` over
+      states the condition is batched and both branches run.
     tol: as for `diagnostics_from_gram`.
 
   Returns:
@@ -311,7 +314,16 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
     [0.707 0.316] False
   """
   check_positive_int(num_tasks, "with_diagnostics: num_tasks")
+  check_positive_int(every, "with_diagnostics: every")
   inner = optax.with_extra_args_support(balancer)
+
+  def recorded(compute, state):
+    """`compute()` (the diagnostics, cast to the state's dtypes) on recording steps, else the last."""
+    cast = lambda: jax.tree.map(lambda new, old: new.astype(old.dtype),  # noqa: E731
+                                compute(), state.diagnostics)
+    if every == 1:
+      return cast()
+    return jax.lax.cond(state.steps % every == 0, cast, lambda: state.diagnostics)
 
   def init(params):
     dtype = tree_lib.weight_dtype(params)
@@ -327,9 +339,11 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
         weights, mask = out.shared, out.mask
       else:  # loss balancers alone: the sum of the reweighted rows
         weights, mask = out.coef.T @ jnp.ones((out.num_tasks,), out.coef.dtype), None
-      gram = memo(mask)
-      present = _present(extra_args, jnp.isfinite(jnp.diag(gram)), num_tasks, rows.present)
-      diag = diagnostics_from_gram(gram, weights, converged, tol=tol, present=present)
+
+      def compute():
+        gram = memo(mask)
+        present = _present(extra_args, jnp.isfinite(jnp.diag(gram)), num_tasks, rows.present)
+        return diagnostics_from_gram(gram, weights, converged, tol=tol, present=present)
     else:
       out, inner_state = inner.update(updates, state.inner, params, **extra_args)
       if isinstance(out, StackedRows):
@@ -341,14 +355,16 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
       mask = tree_lib.rows_mask(shared, rows, params, "with_diagnostics")
       weights = weights_product(inner_state)
       weights = None if weights is None else jnp.broadcast_to(weights, (num_tasks,))
-      present = _present(extra_args, finite_rows(rows), num_tasks, carried_present(updates))
-      if extra_args.get("axis_name") is not None:
-        present = jax.lax.pmin(present.astype(jnp.int32), extra_args["axis_name"]) > 0
-      diag = diagnostics_from_rows(jax.lax.stop_gradient(rows), jax.lax.stop_gradient(out),
-                                   mask, weights, converged, tol=tol,
-                                   axis_name=extra_args.get("axis_name"), present=present)
-    diag = jax.tree.map(lambda new, old: new.astype(old.dtype), diag, state.diagnostics)
-    fallbacks = state.fallbacks + jnp.where(diag.converged, 0, 1).astype(jnp.int32)
+
+      def compute():
+        present = _present(extra_args, finite_rows(rows), num_tasks, carried_present(updates))
+        if extra_args.get("axis_name") is not None:
+          present = jax.lax.pmin(present.astype(jnp.int32), extra_args["axis_name"]) > 0
+        return diagnostics_from_rows(jax.lax.stop_gradient(rows), jax.lax.stop_gradient(out),
+                                     mask, weights, converged, tol=tol,
+                                     axis_name=extra_args.get("axis_name"), present=present)
+    diag = recorded(compute, state)
+    fallbacks = state.fallbacks + jnp.where(converged, 0, 1).astype(jnp.int32)
     return out, DiagnosticsState(inner_state, diag, fallbacks, state.steps + 1)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -99,9 +100,10 @@ def pytest_collection_modifyitems(config, items):
   names = set(registry.names())
   for item in items:
     callspec = getattr(item, "callspec", None)
-    if callspec is None:
-      continue
-    values = [v for k, v in callspec.params.items() if k in ("name", "method")]
+    if callspec is not None:
+      values = [v for k, v in callspec.params.items() if k in ("name", "method")]
+    else:  # absltest's parameterized cases (test_chex): "test_one_step_('imgrad')__with_jit"
+      values = re.findall(r"\('([^']+)'\)", item.name)
     if any(isinstance(v, str) and v in names and v not in CORE for v in values):
       item.add_marker(pytest.mark.slow)
 

@@ -254,6 +254,41 @@ def test_benchmark_smoke(name, tmp_path):
   assert float(table["ew"][-1]) == 1.0          # T is relative to EW
 
 
+
+@needs("qm9")
+def test_resume_runs_only_the_unfinished_methods(tmp_path, monkeypatch):
+  """A run cut short during `uw` keeps STL, EW and SI in `<out>.resume.json`; `--resume`
+  trains only `uw`, reuses the others' metrics, and removes the file; another command or
+  other code is refused."""
+  out = tmp_path / "qm9.md"
+  argv = ["--dataset", "qm9", "--methods", "si,uw", "--smoke", "--seeds", "2", "--no-progress",
+          "--out", str(out)]
+  real_train, trained = run.train, []
+
+  def cut_at_uw(*args, desc="", **kwargs):
+    if desc == "uw":
+      raise KeyboardInterrupt
+    return real_train(*args, desc=desc, **kwargs)
+  monkeypatch.setattr(run, "train", cut_at_uw)
+  with pytest.raises(KeyboardInterrupt):
+    run.main(argv)
+  sidecar = out.with_suffix(".resume.json")
+  assert "Partial: 1 more method(s)" in out.read_text()
+  first = run.load_finished(sidecar, run.fingerprint([*argv, "--resume", "qm9"]))
+  assert set(first) == {"stl", "ew", "si"}
+  with pytest.raises(SystemExit, match="another command or other code"):
+    run.main([*argv[:6], "3", *argv[7:], "--resume"])  # three seeds: another command
+
+  def counted(*args, desc="", **kwargs):
+    trained.append(desc)
+    return real_train(*args, desc=desc, **kwargs)
+  monkeypatch.setattr(run, "train", counted)
+  results = run.main([*argv, "--resume"])["qm9"]
+  assert trained == ["uw"] and list(results) == ["stl", "ew", "si", "uw"]
+  np.testing.assert_array_equal(results["si"].metrics, first["si"].metrics)
+  assert not sidecar.exists() and "Partial" not in out.read_text()
+  assert "--resume" not in out.read_text()  # the table's command is the run's own
+
 # -- examples -----------------------------------------------------------------------------------
 
 
@@ -335,3 +370,28 @@ def test_collectives_count_the_cheapest_branch_of_a_conditional():
   ops = collectives(hlo)
   assert [(op.kind, op.elements, op.exact) for op in ops] == [
       ("all-reduce", 8, True), ("all-reduce", 4, True)]
+
+
+def test_claims_table_ranks_and_correlation(tmp_path):
+  """Ours equal to the IGB paper's Delta_m on its methods: rank correlation 1 there; a partial
+  table or a missing method is refused."""
+  from benchmarks import claims
+  names = list(dict.fromkeys([*claims.IGB_TABLE2, *claims.DB_MTL_TABLE3, "db_mtl_tuned"]))
+  dm = {n: claims.IGB_TABLE2[n][0] if n in claims.IGB_TABLE2 else 500.0 + i
+        for i, n in enumerate(names)}
+  rows = "".join(f"| {n} | 1.0 ± 0.1 | {dm[n]:.2f} ± 1.5 | 2.00 |\n" for n in names)
+  text = ("# qm9\n\nCommand: `python benchmarks/run.py --dataset qm9`\n\n"
+          "| Method | mu ↓ | Δm% ↓ | T |\n|---|---|---|---|\n" + rows)
+  path = tmp_path / "qm9.md"
+  path.write_text(text)
+  ours, command = claims.read_table(path)
+  assert command == "python benchmarks/run.py --dataset qm9" and ours["ew"] == (177.6, 1.5, 2.0)
+  markdown, sentence = claims.table(ours)
+  assert "IGB Table 2 1.00 over 11 methods" in sentence
+  assert "| db_mtl_tuned | tuned beta |" in markdown
+  assert markdown.index("| nash_mtl |") < markdown.index("| igb_v2 |")  # sorted by our Delta_m
+  path.write_text(text + "\nPartial: 3 more method(s) still running.\n")
+  with pytest.raises(SystemExit, match="partial"):
+    claims.read_table(path)
+  with pytest.raises(SystemExit, match="no rows"):
+    claims.table({n: v for n, v in ours.items() if n != "mgda"})

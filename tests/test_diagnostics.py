@@ -227,6 +227,41 @@ def test_fallbacks_are_counted():
   assert int(state.fallbacks) == 2 and int(state.steps) == 4
 
 
+
+@pytest.mark.parametrize("path", ["stacked", "gram"])
+def test_every_records_on_the_chosen_steps_only(path):
+  """`every=3`: steps 0, 3, 6 are recorded (each equal to recording every step), the others keep
+  the last record; the updates and the fallback count are those of recording every step."""
+  def trajectory(every):
+    tx = mtl_optax.with_diagnostics(mtl_optax.nash_mtl(K, shared=SHARED), K, shared=SHARED,
+                                    every=every)
+    if path == "stacked":
+      def step(state, x):
+        losses, jac = mtl_optax.value_and_jacrev(task_losses)(PARAMS, x, Y)
+        return tx.update(jac, state, PARAMS, losses=losses)
+    else:
+      grad_fn = mtl_optax.value_and_reweighted_grad(task_losses, tx)
+
+      def step(state, x):
+        (_, grad), state = grad_fn(PARAMS, state, x, Y)
+        return grad, state
+    xs = X[None] * jnp.linspace(0.5, 1.5, 7)[:, None, None]  # a different batch per step
+    _, (d, diags, fallbacks) = jax.jit(lambda s: jax.lax.scan(
+        lambda s, x: (lambda o: (o[1], (o[0], o[1].diagnostics, o[1].fallbacks)))(step(s, x)),
+        s, xs))(tx.init(PARAMS))
+    return d, diags, fallbacks
+
+  d_all, diag_all, fb_all = trajectory(1)
+  d_some, diag_some, fb_some = trajectory(3)
+  bitwise_equal(d_all, d_some)
+  np.testing.assert_array_equal(fb_all, fb_some)
+  last = [0, 0, 0, 3, 3, 3, 6]  # the step whose record each step holds
+  for field_all, field_some in zip(diag_all, diag_some):
+    np.testing.assert_array_equal(np.asarray(field_some), np.asarray(field_all)[last])
+  assert len({float(r) for r in np.asarray(diag_all.imbalance_ratio)}) > 1  # steps differ
+  with pytest.raises(ValueError, match="every"):
+    mtl_optax.with_diagnostics(mtl_optax.mgda(K), K, every=0)
+
 # -- threshold baselines --
 
 def stacked_update(tx, jac, state=None, params=PARAMS):

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import mtl_optax
+from covering import covering
 
 K, D, H, B = 3, 4, 5, 12
 MASK = {"trunk": True, "heads": False}
@@ -118,8 +119,7 @@ def check(name, reading, got_trunk, got_heads, want):
 
 # -- the three paths --
 
-@pytest.mark.parametrize("reading", ["reference", "algorithm3"])
-@pytest.mark.parametrize("name", sorted(BALANCERS))
+@pytest.mark.parametrize("name,reading", covering(sorted(BALANCERS), ["reference", "algorithm3"]))
 def test_stacked_and_gram_only_paths_match_numpy(name, reading):
   params, x, y = problem()
   losses = np.asarray(task_losses(params, x, y), np.float64)
@@ -134,8 +134,7 @@ def test_stacked_and_gram_only_paths_match_numpy(name, reading):
   check(name, reading, g["trunk"], g["heads"], want)
 
 
-@pytest.mark.parametrize("reading", ["reference", "algorithm3"])
-@pytest.mark.parametrize("name", sorted(BALANCERS))
+@pytest.mark.parametrize("name,reading", covering(sorted(BALANCERS), ["reference", "algorithm3"]))
 def test_representation_path_matches_numpy(name, reading):
   params, x, y = problem(1)
   rep = mtl_optax.value_and_representation_jacrev(encode, heads, shared=MASK)

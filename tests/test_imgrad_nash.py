@@ -9,6 +9,7 @@ import pytest
 from scipy import optimize
 
 import mtl_optax
+from covering import covering
 from mtl_optax import solvers
 from mtl_optax.grad.imgrad import imbalance_cos
 from mtl_optax.toy import toy_losses
@@ -90,8 +91,7 @@ def f32(x):
 
 # -- (a) one convex subproblem --
 
-@pytest.mark.parametrize("k", [2, 3, 5])
-@pytest.mark.parametrize("cos", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("k,cos", covering([2, 3, 5], [0.0, 0.4, 1.0]))
 def test_nash_lp_matches_scipy_slsqp(k, cos):
   g = jacobian(k, SEEDS[k])
   m = g @ g.T
@@ -119,8 +119,7 @@ CCP3 = jax.jit(partial(solvers.imbalance_nash_weights, max_iter=3, tol=0.0))
 CCP_LONG = jax.jit(partial(solvers.imbalance_nash_weights, max_iter=100, tol=1e-6))
 
 
-@pytest.mark.parametrize("k", [2, 3, 4, 5])
-@pytest.mark.parametrize("cos", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("k,cos", covering([2, 3, 4, 5], [0.0, 0.5, 1.0]))
 def test_ccp_matches_scipy_ccp_and_is_feasible(k, cos):
   g = jacobian(k, SEEDS[k])
   m = g @ g.T
