@@ -61,7 +61,8 @@ def read_table(path: pathlib.Path) -> tuple[dict[str, tuple[float, float, float]
   for line in lines[1:]:
     cells = [c.strip() for c in line.strip("|").split("|")]
     mean, _, std = cells[dm].partition(" ± ")
-    rows[cells[0]] = (float(mean), float(std) if std else math.nan, float(cells[t]))
+    rows[cells[0]] = (float(mean), float(std) if std else math.nan,
+                      math.nan if cells[t] == "-" else float(cells[t]))  # "-": not timed
   return rows, command
 
 

@@ -484,6 +484,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Result]]:
 
     def partial(results, remaining, out=out, ds=ds, run_args=run_args, sidecar=sidecar, key=key):
       if out is not None and remaining:  # the finished methods' table while the run goes on
+        if "stl" not in results:  # `--stl ew`: Delta_m against EW, as at the end
+          results = {"stl": Result(results["ew"].metrics.mean(0, keepdims=True), float("nan")),
+                     **results}
         out.write_text(report(ds, results, run_args, command)
                        + f"\nPartial: {remaining} more method(s) still running.\n")
         if not watch:

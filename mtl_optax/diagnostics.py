@@ -277,8 +277,10 @@ def with_diagnostics(balancer: optax.GradientTransformation, num_tasks: int, *,
                      tol: float = TOL) -> optax.GradientTransformationExtraArgs:
   """`balancer` with the diagnostics of each update kept in its state (`DiagnosticsState`).
 
-  The update is `balancer`'s, bitwise (tested on all three paths); the wrapper reads the rows
-  it received and the update it made:
+  The update is `balancer`'s, bitwise with `every=1` (tested on all three paths; with
+  `every > 1` the conditional can make XLA compile the step differently: the plain sum on the
+  stacked path then agrees to rounding); the wrapper reads the rows it received and the update
+  it made:
 
   - Gram-only path (`GramRows`): the Gram matrix the balancer computed (the same computation,
     kept once; a balancer that never reads it, e.g. a loss balancer alone, makes the wrapper

@@ -257,12 +257,12 @@ def test_benchmark_smoke(name, tmp_path):
 
 @needs("qm9")
 def test_resume_runs_only_the_unfinished_methods(tmp_path, monkeypatch):
-  """A run cut short during `uw` keeps STL, EW and SI in `<out>.resume.json`; `--resume`
-  trains only `uw`, reuses the others' metrics, and removes the file; another command or
-  other code is refused."""
+  """A run cut short during `uw` keeps EW and SI (and `--stl ew`'s baseline) in
+  `<out>.resume.json` and a partial table; `--resume` trains only `uw`, reuses the others'
+  metrics, and removes the file; another command or other code is refused."""
   out = tmp_path / "qm9.md"
   argv = ["--dataset", "qm9", "--methods", "si,uw", "--smoke", "--seeds", "2", "--no-progress",
-          "--out", str(out)]
+          "--stl", "ew", "--out", str(out)]
   real_train, trained = run.train, []
 
   def cut_at_uw(*args, desc="", **kwargs):
@@ -395,3 +395,22 @@ def test_claims_table_ranks_and_correlation(tmp_path):
     claims.read_table(path)
   with pytest.raises(SystemExit, match="no rows"):
     claims.table({n: v for n, v in ours.items() if n != "mgda"})
+
+
+def test_threshold_summary_picks_the_level_on_validation(tmp_path):
+  from benchmarks import threshold_summary
+
+  def table(dms):
+    rows = "".join(f"| {n} | 1.0 ± 0.1 | {dm:.2f} ± 0.5 | 1.00 |\n" for n, dm in dms.items())
+    return ("# x\n\nCommand: `python benchmarks/run.py --split val`\n\n"
+            "| Method | a ↓ | Δm% ↓ | T |\n|---|---|---|---|\n| stl | 1.0 ± 0.1 | 0.00 ± 0.5 | - |\n"
+            + rows)
+  val = {"ew": 0.0, "mgda": 5.0, "mgda@imbalance=2": 4.0, "mgda@imbalance=3": 6.0,
+         "mgda@similarity=-0.1": 7.0, "mgda@similarity=0": 3.0}
+  test = {**val, "mgda": 5.5, "mgda@imbalance=2": 6.0, "mgda@similarity=0": 1.0}
+  (tmp_path / "val.md").write_text(table(val))
+  (tmp_path / "test.md").write_text(table(test))
+  read = threshold_summary.read_table
+  text = threshold_summary.summary(read(tmp_path / "val.md")[0], read(tmp_path / "test.md")[0])
+  assert ("| mgda | 5.00 ± 0.5 | 5.50 ± 0.5 | 2: 4.00, 3: 6.00 | 2 | 6.00 ± 0.5 | no | "
+          "-0.1: 7.00, 0: 3.00 | 0 | 1.00 ± 0.5 | yes |") in text

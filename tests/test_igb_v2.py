@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import mtl_optax
+from covering import all_but
 from mtl_optax.loss.igb_v2 import train_sizes
 
 
@@ -209,7 +210,7 @@ def _train_stacked(name, params, state, steps):
   return params, state, records
 
 
-@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+@pytest.mark.parametrize("name", all_but(sorted(AGGREGATORS), {"sum"}))  # "norm": the Gram path
 def test_fusion_with_aggregator_under_jit_and_vmap(name):
   params, state, records = _train_stacked(name, *_init_stacked(name), STEPS)
   reference = AGGREGATORS[name][1]
