@@ -88,7 +88,8 @@ if not os.environ.get(_DONE):
 # Tests parametrized over the registry (`name` or `method` a registry name) run, by default, on
 # this set, which has a method of every kind: loss balancers stateless, stateful, random and
 # log-taking; gradient balancers solver-based, stateful, random, Gram-based and not.
-# `pytest -m slow` runs every other method too (CI runs both).
+# `pytest -m slow` runs every other method too (CI runs the default set, and of the slow ones
+# the checkpoint, two-process and eight-device tests).
 CORE = frozenset({"ew", "gls", "igb_v1", "famo", "rlw",
                   "mgda", "nash_mtl", "upgrad", "pcgrad", "db_mtl", "graddrop"})
 
