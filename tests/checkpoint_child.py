@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import mtl_optax  # noqa: E402
 from mtl_optax import registry  # noqa: E402
+from tiny_model import MASK, encode, heads, task_losses  # noqa: E402,F401 (tests/)
 
 K, D, H, B, HALF, LR = 3, 4, 8, 8, 4, 0.05
-MASK = {"trunk": True, "heads": False}
 FUSIONS = ("igb_v1+nash_mtl", "igb_v2+nash_mtl")
 PATHS = ("stacked", "gram", "representation")
 
@@ -100,20 +100,6 @@ def data():
   xs = rng.normal(size=(2 * HALF, B, D)).astype(np.float32)
   ys = (rng.normal(size=(2 * HALF, B, K)) * np.logspace(-1, 1, K)).astype(np.float32)
   return params, jnp.asarray(xs), jnp.asarray(ys)
-
-
-def encode(params, x, y):
-  del y
-  return jnp.tanh(x @ params["trunk"])
-
-
-def heads(params, z, x, y):
-  del x
-  return jnp.mean((z @ params["heads"].T - y) ** 2, axis=0) + 0.05
-
-
-def task_losses(params, x, y):
-  return heads(params, encode(params, x, y), x, y)
 
 
 def program(name: str, path: str):

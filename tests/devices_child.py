@@ -44,9 +44,10 @@ sys.path.insert(0, str(ROOT))
 import mtl_optax  # noqa: E402
 from benchmarks import communication  # noqa: E402
 from mtl_optax import registry  # noqa: E402
+import tiny_model  # noqa: E402 (tests/)
+from tiny_model import MASK, encode, heads, task_losses  # noqa: E402,F401 (tests/)
 
 K, D, H, B, STEPS, LR = 3, 4, 8, 16, 4, 0.05
-MASK = {"trunk": True, "heads": False}
 AXES = ("data", "param")
 MODES = ("jit-8x1", "jit-2x4", "shard_map-8x1", "explicit-8x1")
 FUSIONS = ("igb_v1+nash_mtl", "igb_v2+nash_mtl")
@@ -54,26 +55,7 @@ FUSIONS = ("igb_v1+nash_mtl", "igb_v2+nash_mtl")
 
 def model(b: int = B, h: int = H):
   """Parameters, inputs and targets: batch `b`, hidden width `h`."""
-  rng = np.random.default_rng(0)
-  params = {"trunk": jnp.asarray(rng.normal(size=(D, h)) * 0.7, jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=(K, h)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(b, D)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(b, K)) * np.logspace(-1, 1, K), jnp.float32)
-  return params, x, y
-
-
-def encode(params, x, y):
-  del y
-  return jnp.tanh(x @ params["trunk"])
-
-
-def heads(params, z, x, y):
-  del x
-  return jnp.mean((z @ params["heads"].T - y) ** 2, axis=0) + 0.05
-
-
-def task_losses(params, x, y):
-  return heads(params, encode(params, x, y), x, y)
+  return tiny_model.model(K, d=D, h=h, b=b)
 
 
 def small_igb_v2() -> optax.GradientTransformationExtraArgs:
